@@ -1,0 +1,48 @@
+# Two entry points: `make run` (install what is missing, then build and evaluate the embedded
+# default through DVC) and `make test`. Everything runs offline.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARTWORK := .cache/emoji-datasource-google
+ARTWORK_VERSION := 16.0.0
+TORCH_VERSION := 2.13.0
+OPEN_CLIP_VERSION := 3.3.0
+
+export HF_HUB_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+
+.PHONY: install artwork run test clean-checkpoints
+
+install: $(VENV)/.installed artwork
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch, pinned: a bare `torch` requirement would pull the CUDA build.
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	# open_clip only for its BPE vocabulary; its torchvision dependency breaks the CPU torch.
+	$(PY) -m pip install -q --no-deps open-clip-torch==$(OPEN_CLIP_VERSION)
+	touch $@
+
+artwork: $(ARTWORK)/emoji.json
+
+$(ARTWORK)/emoji.json:
+	mkdir -p .cache/npm-pack
+	cd .cache/npm-pack && npm pack --silent emoji-datasource-google@$(ARTWORK_VERSION) >/dev/null
+	rm -rf $(ARTWORK) .cache/npm-pack/package
+	tar -xzf .cache/npm-pack/emoji-datasource-google-$(ARTWORK_VERSION).tgz -C .cache/npm-pack
+	mv .cache/npm-pack/package $(ARTWORK)
+	rm -rf .cache/npm-pack
+
+run: install
+	$(VENV)/bin/dvc repro
+	$(PY) -m pipelines.report
+
+test: install
+	$(PY) -m pytest -q
+
+clean-checkpoints:
+	rm -rf checkpoints

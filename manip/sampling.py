@@ -1,0 +1,84 @@
+"""Text-to-image sampling through the diffusers scheduler API.
+
+Works on any `StableDiffusionPipeline`-shaped set of components (eps- or v-prediction, any
+resolution the UNet accepts). Conditional and unconditional branches run as one batch, text
+features are encoded once per call, and initial noise is drawn exactly as diffusers draws it,
+so for the same generators the result matches `StableDiffusionPipeline.__call__`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+
+class PromptError(ValueError):
+    """A prompt the text encoder cannot take as given."""
+
+
+def check_prompts(tokenizer, prompts: Sequence[str]) -> None:
+    limit = tokenizer.model_max_length
+    for p in prompts:
+        if not isinstance(p, str):
+            raise PromptError(f"prompts must be strings, got {type(p).__name__}")
+        n = len(tokenizer(p).input_ids)
+        if n > limit:
+            raise PromptError(f"prompt has {n} tokens, over the tokenizer limit of {limit}: {p[:80]!r}")
+
+
+@torch.inference_mode()
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> torch.Tensor:
+    check_prompts(pipe.tokenizer, prompts)
+    ids = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+
+
+def initial_latents(pipe: StableDiffusionPipeline, n: int, generators, height: int | None = None,
+                    width: int | None = None) -> torch.Tensor:
+    scale = pipe.vae_scale_factor
+    h = (height or pipe.unet.config.sample_size * scale) // scale
+    w = (width or pipe.unet.config.sample_size * scale) // scale
+    shape = (n, pipe.unet.config.in_channels, h, w)
+    return randn_tensor(shape, generator=generators, device=pipe.unet.device, dtype=pipe.unet.dtype)
+
+
+@torch.inference_mode()
+def denoise(pipe: StableDiffusionPipeline, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+            steps: int, guidance_scale: float, progress: bool = False) -> torch.Tensor:
+    """Run the scheduler from pure noise to x_0; `uncond=None` or scale 1 disables guidance."""
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(steps, device=latents.device)
+    latents = latents * scheduler.init_noise_sigma
+    guided = uncond is not None and guidance_scale != 1.0
+    context = torch.cat([uncond, cond]) if guided else cond
+    for t in tqdm(scheduler.timesteps, disable=not progress, desc="sample", leave=False):
+        model_in = torch.cat([latents, latents]) if guided else latents
+        model_in = scheduler.scale_model_input(model_in, t)
+        out = pipe.unet(model_in, t, encoder_hidden_states=context, return_dict=False)[0]
+        if guided:
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + guidance_scale * (out_cond - out_uncond)
+        latents = scheduler.step(out, t, latents, return_dict=False)[0]
+    return latents
+
+
+@torch.inference_mode()
+def decode(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> np.ndarray:
+    """Latents -> uint8 NHWC images."""
+    x = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], generators: list[torch.Generator],
+             steps: int = 50, guidance_scale: float = 7.5, negative_prompt: str = "", progress: bool = False) -> np.ndarray:
+    if len(generators) != len(prompts):
+        raise ValueError(f"need one generator per prompt, got {len(generators)} for {len(prompts)} prompts")
+    cond = encode_prompts(pipe, prompts)
+    uncond = encode_prompts(pipe, [negative_prompt]).expand_as(cond) if guidance_scale != 1.0 else None
+    latents = initial_latents(pipe, len(prompts), generators)
+    return decode(pipe, denoise(pipe, latents, cond, uncond, steps, guidance_scale, progress))

@@ -1,0 +1,130 @@
+"""One training loop for every model in the project.
+
+Each trainer supplies a `loss_fn(step)` that draws its own batch from a generator seeded by
+(seed, step); together with checkpoints holding model, EMA and optimizer state this makes a
+resumed run follow exactly the same trajectory as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+
+LossFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    steps: int
+    lr: float
+    warmup: int = 200
+    weight_decay: float = 0.0
+    ema_decay: float = 0.0  # 0 disables EMA
+    checkpoint_every: int = 500
+    log_every: int = 25
+    grad_clip: float = 1.0
+
+
+def lr_at(cfg: LoopConfig, step: int) -> float:
+    """Linear warm-up then cosine decay to 10%: a function of the step, so resume is exact."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+class EMA(torch.nn.Module):
+    """Exponential moving average of a model's parameters, saved like any module."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow.parameters(), model.parameters()):
+            s.lerp_(p.detach(), 1 - decay)
+        for s, b in zip(self.shadow.buffers(), model.buffers()):
+            s.copy_(b)
+
+
+def _fingerprint_of(ckpt: Path) -> dict | None:
+    return json.loads((ckpt / "meta.json").read_text()).get("fingerprint")
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # EMA weights when EMA is on
+    history: list[dict[str, float]]
+    resumed_from: int
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    cfg: LoopConfig,
+    checkpoint_dir: Path,
+    params: list[torch.nn.Parameter] | None = None,
+    desc: str = "train",
+    fingerprint: dict | None = None,
+) -> TrainResult:
+    """Train `model` for `cfg.steps`, resuming from `checkpoint_dir/last` when it was written by
+    a run with the same `fingerprint` (the settings, less the step count: raising `steps`
+    extends a finished run). A checkpoint from other settings is set aside, never mixed in."""
+    trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    modules: dict[str, torch.nn.Module] = {"model": model, **({"ema": ema} if ema else {})}
+    ckpt = checkpoint_dir / "last"
+    step, history = 0, []
+    if (ckpt / "meta.json").is_file() and _fingerprint_of(ckpt) != fingerprint:
+        stale = ckpt.with_name("stale")
+        shutil.rmtree(stale, ignore_errors=True)
+        ckpt.rename(stale)
+        tqdm.write(f"{desc}: checkpoint in {ckpt} is from other settings; moved to {stale}, starting fresh")
+    if (ckpt / "meta.json").is_file():
+        meta = load_checkpoint(ckpt, modules, opt)
+        step, history = meta["step"], meta["history"]
+    resumed_from = step
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, dynamic_ncols=True)
+    running: dict[str, float] = {}
+    while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        loss, logs = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        opt.step()
+        if ema:
+            ema.update(model, step)
+        step += 1
+        for k, v in {"loss": loss.detach().item(), **logs}.items():
+            running[k] = running.get(k, 0.0) + v
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+            row = {"step": step, **{k: v / n for k, v in running.items()}}
+            history.append(row)
+            running = {}
+            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"})
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(ckpt, modules, opt, {"step": step, "history": history, "fingerprint": fingerprint})
+    bar.close()
+    model.eval()
+    final = ema.shadow if ema else model
+    final.eval()
+    return TrainResult(model=final, history=history, resumed_from=resumed_from)

@@ -1,0 +1,57 @@
+"""Helpers shared by the stage modules."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import torch
+
+from manip.training.checkpoint import atomic_write_text
+from manip.training.loop import LoopConfig
+
+from pydantic import BaseModel
+
+from ._runner import StageInputError
+from .params import LoopParams
+
+
+def set_threads() -> None:
+    """MANIP_THREADS caps intra-op threads, e.g. to run two trainings side by side on two cores
+    without oversubscribing them."""
+    n = int(os.environ.get("MANIP_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def loop_config(p: LoopParams) -> LoopConfig:
+    set_threads()
+    return LoopConfig(steps=p.steps, lr=p.lr, warmup=p.warmup, ema_decay=p.ema_decay,
+                      checkpoint_every=p.checkpoint_every)
+
+
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    """Loss curve as CSV for `dvc plots`."""
+    keys = sorted({k for row in history for k in row} - {"step"})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["step", *keys])
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def fingerprint(section: BaseModel, seed: int) -> dict:
+    """What a checkpoint must share with the current params to be resumed: everything except
+    the step count, so raising `steps` continues a finished run."""
+    d = section.model_dump()
+    d.get("train", {}).pop("steps", None)
+    return {"seed": seed, **d}
+
+
+def require(path: Path, stage: str) -> Path:
+    """Fail with the command that builds a missing input instead of a hub lookup error."""
+    if not path.exists():
+        raise StageInputError(f"{path} is missing: build it with `dvc repro {stage}`")
+    return path

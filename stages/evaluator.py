@@ -1,0 +1,72 @@
+"""Stage `evaluator`: the judges every later stage scores with.
+
+- models/clip: a CLIPModel (+ processor config) trained on all objects, reserved concepts
+  included, for CLIP filtering and CLIP-T / CLIP-I / directional metrics.
+- models/judge: the attribute classifier, trained on real renders.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import CLIPImageProcessor, CLIPTokenizer
+
+from manip.metrics.judge import AttributeJudge, attribute_hits, predict
+from manip.training.checkpoint import atomic_write_text, replace_dir, staging_dir
+from manip.training.judge import train_judge
+from manip.world.dataset import load_split
+
+from ._runner import main
+from .clip_common import fit_clip
+from .common import fingerprint, loop_config, require, write_history
+from .params import Params, load_params
+
+CLIP_OUT = Path("models/clip")
+JUDGE_OUT = Path("models/judge")
+METRICS = Path("metrics/evaluator.json")
+PLOTS = {"clip": Path("plots/evaluator_clip_loss.csv"), "judge": Path("plots/judge_loss.csv")}
+TOKENIZER = Path("models/base/tokenizer")
+
+
+def image_processor(size: int) -> CLIPImageProcessor:
+    """Pixels scaled to [-1, 1] at the world's resolution, as the model was trained."""
+    return CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": size}, do_center_crop=True, crop_size={"height": size, "width": size},
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )
+
+
+def run(params: Params) -> dict:
+    tokenizer = CLIPTokenizer.from_pretrained(require(TOKENIZER, "text_encoder"))
+    clip, clip_history, metrics = fit_clip(params, params.evaluator, tokenizer, ["train", "concepts"],
+                                           params.seed + 1, "evaluator")
+    tmp = staging_dir(CLIP_OUT)
+    clip.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    image_processor(params.world.size).save_pretrained(tmp)
+    replace_dir(tmp, CLIP_OUT)
+
+    torch.manual_seed(params.seed + 2)
+    train_split, concepts = load_split("data/world/train"), load_split("data/world/concepts")
+    images = np.concatenate([np.asarray(train_split.images), np.asarray(concepts.images)])
+    judge = AttributeJudge(width=params.judge.width, image_size=params.world.size)
+    result = train_judge(judge, images, train_split.scenes + concepts.scenes, loop_config(params.judge.train),
+                         params.judge.train.batch_size, params.seed + 2, Path("checkpoints/judge"),
+                         fingerprint(params.judge, params.seed + 2))
+    test = load_split("data/world/test")
+    hits = attribute_hits(predict(result.model, np.asarray(test.images)), test.scenes)
+    metrics.update({f"judge_test_{k}": round(float(v.mean()), 4) for k, v in hits.items()})
+    tmp = staging_dir(JUDGE_OUT)
+    result.model.save_pretrained(tmp)
+    replace_dir(tmp, JUDGE_OUT)
+    atomic_write_text(METRICS, json.dumps(metrics, indent=1))
+    write_history(PLOTS["clip"], clip_history)
+    write_history(PLOTS["judge"], result.history)
+    print(json.dumps(metrics))
+    return metrics
+
+
+if __name__ == "__main__":
+    main(lambda: run(load_params()))

@@ -1,0 +1,110 @@
+"""Typed view of params.yaml. Unknown keys, wrong types and out-of-range values fail at load
+with the dotted name of the offending field."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PARAMS_FILE = Path(os.environ.get("MANIP_PARAMS", "params.yaml"))
+
+Pos = Annotated[int, Field(gt=0)]
+NonNeg = Annotated[int, Field(ge=0)]
+Rate = Annotated[float, Field(gt=0, lt=1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorldParams(Strict):
+    artwork_dir: str = ".cache/emoji-datasource-google"
+    size: Annotated[int, Field(ge=32, le=512, multiple_of=8)] = 64
+    n_train: Pos = 30000
+    n_val: Pos = 1000
+    n_test: Pos = 1000
+    n_concepts: Pos = 500
+
+
+class LoopParams(Strict):
+    steps: Pos
+    batch_size: Pos
+    lr: Annotated[float, Field(gt=0, le=1)]
+    warmup: NonNeg = 200
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    checkpoint_every: Pos = 500
+
+
+class VaeParams(Strict):
+    block_out_channels: list[Pos] = [32, 64, 64]
+    layers_per_block: Pos = 2
+    latent_channels: Pos = 8
+    norm_num_groups: Pos = 16
+    crop: Pos = 32
+    kl_weight: Annotated[float, Field(ge=0)] = 1e-6
+    train: LoopParams = LoopParams(steps=6000, batch_size=32, lr=1e-3, ema_decay=0.999)
+
+
+class ClipParams(Strict):
+    hidden_size: Pos = 128
+    layers: Pos = 4
+    heads: Pos = 4
+    projection_dim: Pos = 128
+    vision_hidden_size: Pos = 128
+    vision_layers: Pos = 4
+    patch_size: Pos = 8
+    train: LoopParams = LoopParams(steps=1500, batch_size=128, lr=1e-3)
+
+
+class UnetParams(Strict):
+    block_out_channels: list[Pos] = [64, 128, 128]
+    layers_per_block: Pos = 1
+    attention_head_dim: Pos = 8
+    train: LoopParams = LoopParams(steps=8000, batch_size=64, lr=5e-4, ema_decay=0.999)
+    uncond_prob: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+
+class JudgeParams(Strict):
+    width: Pos = 32
+    train: LoopParams = LoopParams(steps=2000, batch_size=64, lr=2e-3)
+
+
+class EvalParams(Strict):
+    n_captions: Pos = 200
+    images_per_caption: Pos = 4
+    steps: Pos = 50
+    guidance_scale: Annotated[float, Field(ge=1)] = 7.5
+    batch_size: Pos = 40
+
+
+class Params(Strict):
+    seed: NonNeg = 0
+    world: WorldParams = WorldParams()
+    vae: VaeParams = VaeParams()
+    text_encoder: ClipParams = ClipParams(vision_hidden_size=96, vision_layers=3)
+    unet: UnetParams = UnetParams()
+    evaluator: ClipParams = ClipParams(train=LoopParams(steps=2000, batch_size=128, lr=1e-3))
+    judge: JudgeParams = JudgeParams()
+    evaluate: EvalParams = EvalParams()
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found (run from the project root, or set MANIP_PARAMS)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from err
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise ParamsError(f"invalid {path}:\n  " + "\n  ".join(lines)) from None
