@@ -7,7 +7,7 @@ so for the same generators the result matches `StableDiffusionPipeline.__call__`
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -47,23 +47,51 @@ def initial_latents(pipe: StableDiffusionPipeline, n: int, generators, height: i
     return randn_tensor(shape, generator=generators, device=pipe.unet.device, dtype=pipe.unet.dtype)
 
 
+class StepHook(Protocol):
+    """Called around every denoising step: attention controllers, local blending, inversion
+    guidance. `end_step` may replace the latents."""
+
+    def begin_step(self, step: int) -> None: ...
+
+    def end_step(self, step: int, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+Uncond = torch.Tensor | Sequence[torch.Tensor] | None
+
+
 @torch.inference_mode()
-def denoise(pipe: StableDiffusionPipeline, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
-            steps: int, guidance_scale: float, progress: bool = False) -> torch.Tensor:
-    """Run the scheduler from pure noise to x_0; `uncond=None` or scale 1 disables guidance."""
-    scheduler = pipe.scheduler
+def denoise(pipe: StableDiffusionPipeline, latents: torch.Tensor, cond: torch.Tensor, uncond: Uncond,
+            steps: int, guidance_scale: float, progress: bool = False, hooks: Sequence[StepHook] = (),
+            scale_initial: bool = True, scheduler=None) -> torch.Tensor:
+    """Run the scheduler over `steps` steps from `latents` to x_0.
+
+    `uncond` is one unconditional context for every step, a per-step sequence (null-text
+    inversion), or None / guidance 1 for no guidance. `scale_initial=False` starts from latents
+    that are already at the first step's noise level (an inversion's x_T). `scheduler` overrides
+    the pipeline's own (editing uses DDIM whatever the pipeline samples with).
+    """
+    scheduler = scheduler or pipe.scheduler
     scheduler.set_timesteps(steps, device=latents.device)
-    latents = latents * scheduler.init_noise_sigma
+    if scale_initial:
+        latents = latents * scheduler.init_noise_sigma
     guided = uncond is not None and guidance_scale != 1.0
-    context = torch.cat([uncond, cond]) if guided else cond
-    for t in tqdm(scheduler.timesteps, disable=not progress, desc="sample", leave=False):
-        model_in = torch.cat([latents, latents]) if guided else latents
-        model_in = scheduler.scale_model_input(model_in, t)
+    per_step = guided and not torch.is_tensor(uncond)
+    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sample", leave=False)):
+        for h in hooks:
+            h.begin_step(i)
+        if guided:
+            u = uncond[i] if per_step else uncond
+            context = torch.cat([u.expand(len(cond), *u.shape[-2:]), cond])
+            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        else:
+            context, model_in = cond, scheduler.scale_model_input(latents, t)
         out = pipe.unet(model_in, t, encoder_hidden_states=context, return_dict=False)[0]
         if guided:
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + guidance_scale * (out_cond - out_uncond)
         latents = scheduler.step(out, t, latents, return_dict=False)[0]
+        for h in hooks:
+            latents = h.end_step(i, latents)
     return latents
 
 

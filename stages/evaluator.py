@@ -58,6 +58,7 @@ def run(params: Params) -> dict:
     test = load_split("data/world/test")
     hits = attribute_hits(predict(result.model, np.asarray(test.images)), test.scenes)
     metrics.update({f"judge_test_{k}": round(float(v.mean()), 4) for k, v in hits.items()})
+    metrics["judge_train_seconds"] = result.seconds
     tmp = staging_dir(JUDGE_OUT)
     result.model.save_pretrained(tmp)
     replace_dir(tmp, JUDGE_OUT)

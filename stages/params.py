@@ -45,7 +45,7 @@ class VaeParams(Strict):
     norm_num_groups: Pos = 16
     crop: Pos = 32
     kl_weight: Annotated[float, Field(ge=0)] = 1e-6
-    train: LoopParams = LoopParams(steps=6000, batch_size=32, lr=1e-3, ema_decay=0.999)
+    train: LoopParams = LoopParams(steps=4000, batch_size=32, lr=1e-3, ema_decay=0.999)
 
 
 class ClipParams(Strict):

@@ -2,10 +2,13 @@
 models/base/unet, the sampling scheduler and model_index.json, completing the pipeline."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -25,6 +28,21 @@ PLOT = Path("plots/unet_loss.csv")
 METRICS = Path("metrics/unet.json")
 
 
+def cached_latents(vae: AutoencoderKL, images, path: Path) -> torch.Tensor:
+    """Encode the training set once per VAE; a resumed run reads the cache back."""
+    key = hashlib.sha256((BASE / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            if f.metadata() == {"vae": key, "n": str(len(images))}:
+                return f.get_tensor("latents")
+    latents = encode_latents(vae, images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"latents": latents.contiguous()}, str(tmp), metadata={"vae": key, "n": str(len(images))})
+    tmp.replace(path)
+    return latents
+
+
 def run(params: Params) -> dict:
     p = params.unet
     torch.manual_seed(params.seed)
@@ -32,7 +50,7 @@ def run(params: Params) -> dict:
     text_encoder = CLIPTextModel.from_pretrained(require(BASE / "text_encoder", "text_encoder")).eval()
     tokenizer = CLIPTokenizer.from_pretrained(require(BASE / "tokenizer", "text_encoder"))
     train_split = load_split("data/world/train")
-    latents = encode_latents(vae, train_split.images)
+    latents = cached_latents(vae, train_split.images, CKPT / "latents.safetensors")
     unet = make_unet(p.block_out_channels, p.layers_per_block, p.attention_head_dim,
                      text_encoder.config.hidden_size, vae.config.latent_channels, latents.shape[-1])
     result = train_unet(unet, training_scheduler(), text_encoder, tokenizer, latents, train_split.captions,
@@ -47,6 +65,7 @@ def run(params: Params) -> dict:
         replace_dir(tmp, BASE / name)
     pipe.save_config(BASE)
     metrics = {"final_loss": round(result.history[-1]["loss"], 5), "steps": p.train.steps,
+               "train_seconds": result.seconds,
                "parameters_m": round(sum(x.numel() for x in unet.parameters()) / 1e6, 3)}
     atomic_write_text(METRICS, json.dumps(metrics, indent=1))
     write_history(PLOT, result.history)

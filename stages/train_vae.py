@@ -32,7 +32,7 @@ def run(params: Params) -> dict:
     final.register_to_config(scaling_factor=latent_scale(final, train_split.images))
     test = load_split("data/world/test")
     metrics = {"test_psnr_db": round(test_psnr(final, test.images), 3),
-               "scaling_factor": round(final.config.scaling_factor, 5),
+               "scaling_factor": round(final.config.scaling_factor, 5), "train_seconds": result.seconds,
                "parameters_m": round(sum(x.numel() for x in final.parameters()) / 1e6, 3)}
     tmp = staging_dir(OUT)
     final.save_pretrained(tmp)

@@ -17,6 +17,7 @@ OUT = Path("data/world")
 
 
 def preview(images: np.ndarray, n: int = 8) -> Image.Image:
+    n = max(1, min(n, len(images)))  # a split smaller than one row still gets a preview
     k = min(n * n, len(images))
     rows = [np.concatenate(list(images[i : i + n]), 1) for i in range(0, k - k % n, n)]
     return Image.fromarray(np.concatenate(rows, 0))

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, recover_dir, save_checkpoint
 
 LossFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
 
@@ -68,6 +69,7 @@ class TrainResult:
     model: torch.nn.Module  # EMA weights when EMA is on
     history: list[dict[str, float]]
     resumed_from: int
+    seconds: float  # wall time spent training, summed over resumed runs
 
 
 def train(
@@ -87,7 +89,8 @@ def train(
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     modules: dict[str, torch.nn.Module] = {"model": model, **({"ema": ema} if ema else {})}
     ckpt = checkpoint_dir / "last"
-    step, history = 0, []
+    recover_dir(ckpt)
+    step, history, seconds = 0, [], 0.0
     if (ckpt / "meta.json").is_file() and _fingerprint_of(ckpt) != fingerprint:
         stale = ckpt.with_name("stale")
         shutil.rmtree(stale, ignore_errors=True)
@@ -95,11 +98,12 @@ def train(
         tqdm.write(f"{desc}: checkpoint in {ckpt} is from other settings; moved to {stale}, starting fresh")
     if (ckpt / "meta.json").is_file():
         meta = load_checkpoint(ckpt, modules, opt)
-        step, history = meta["step"], meta["history"]
+        step, history, seconds = meta["step"], meta["history"], meta.get("seconds", 0.0)
     resumed_from = step
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, dynamic_ncols=True)
     running: dict[str, float] = {}
+    started = time.perf_counter() - seconds
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
@@ -122,9 +126,11 @@ def train(
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"})
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt, modules, opt, {"step": step, "history": history, "fingerprint": fingerprint})
+            seconds = time.perf_counter() - started
+            save_checkpoint(ckpt, modules, opt,
+                            {"step": step, "history": history, "fingerprint": fingerprint, "seconds": seconds})
     bar.close()
     model.eval()
     final = ema.shadow if ema else model
     final.eval()
-    return TrainResult(model=final, history=history, resumed_from=resumed_from)
+    return TrainResult(model=final, history=history, resumed_from=resumed_from, seconds=round(seconds, 1))

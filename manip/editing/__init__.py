@@ -1,0 +1,1 @@
+"""Real-image editing: attention control (Prompt-to-Prompt), inversions, and the edit runner."""

@@ -1,0 +1,64 @@
+"""Loading user images for editing: every way a file can be wrong gets a clear error or a
+documented conversion, never a traceback from deep inside torch."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 64_000_000  # refuse anything larger before decoding it
+
+
+class ImageInputError(ValueError):
+    """The image cannot be used; the message says why."""
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray((arr / top * 255).clip(0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(source: str | Path | Image.Image | np.ndarray, size: int) -> tuple[np.ndarray, list[str]]:
+    """(uint8 HxWx3 image at `size` x `size`, notes about conversions applied)."""
+    notes: list[str] = []
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim not in (2, 3):
+            raise ImageInputError(f"array images must be uint8 HxW or HxWxC, got {source.dtype} {source.shape}")
+        source = Image.fromarray(source)
+    if isinstance(source, Image.Image):
+        im = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageInputError(f"no image file at {path}")
+        try:
+            im = Image.open(path)
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageInputError(
+                    f"{path} is {im.width}x{im.height} pixels, over the limit of {MAX_PIXELS:,}: refused "
+                    "(possible decompression bomb)")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise ImageInputError(f"{path} refused as a possible decompression bomb: {err}") from None
+        except UnidentifiedImageError:
+            raise ImageInputError(f"{path} is not an image file Pillow can read") from None
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageInputError(f"{path} is corrupt or truncated: {err}") from None
+    if im.mode != "RGB":
+        notes.append(f"converted from mode {im.mode} to RGB")
+        im = _to_rgb(im)
+    if im.size != (size, size):
+        notes.append(f"resized from {im.width}x{im.height} to {size}x{size} (centre crop to square first)")
+        im = ImageOps.fit(im, (size, size), Image.LANCZOS)
+    return np.asarray(im, dtype=np.uint8).copy(), notes

@@ -1,0 +1,228 @@
+"""Inversions of a real image into the diffusion model's noise, as reusable artifacts.
+
+- DDIM inversion: the deterministic ODE run backwards with the source prompt.
+- Null-text inversion (Mokady et al.): per-step unconditional embeddings optimised so that
+  guided sampling retraces the DDIM trajectory.
+- Negative-prompt inversion: the source prompt's embedding as the unconditional context; no
+  optimisation at all.
+- Direct inversion (PnP-inversion style): plain DDIM inversion plus, at sampling time, pinning the
+  source branch to the inversion trajectory (see `DirectInversionHook`).
+
+An `Inversion` holds the latent trajectory and per-step unconditional contexts plus metadata
+naming the model and resolution, so one inversion serves many edits and is refused by another
+model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from manip.sampling import encode_prompts
+from manip.training.checkpoint import replace_dir, staging_dir
+
+Method = Literal["ddim", "null-text", "negative-prompt", "direct"]
+METHODS: tuple[str, ...] = ("ddim", "null-text", "negative-prompt", "direct")
+
+
+class InversionMismatch(ValueError):
+    """An inversion artifact used with a model or size it was not made with."""
+
+
+def model_id(pipe: StableDiffusionPipeline) -> str:
+    """Identity of the denoiser + text encoder + VAE: configs and a digest of a few weights."""
+    h = hashlib.sha256()
+    for comp in (pipe.unet, pipe.vae):
+        h.update(json.dumps(dict(comp.config), sort_keys=True, default=str).encode())
+    h.update(json.dumps(pipe.text_encoder.config.to_dict(), sort_keys=True, default=str).encode())
+    for w in (pipe.unet.conv_in.weight, pipe.unet.conv_out.weight, pipe.vae.decoder.conv_out.weight):
+        h.update(w.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def ddim_scheduler(pipe: StableDiffusionPipeline) -> DDIMScheduler:
+    """The pipeline's noise schedule as a deterministic DDIM sampler (eta = 0)."""
+    return DDIMScheduler.from_config(pipe.scheduler.config)
+
+
+def _alpha(scheduler: DDIMScheduler, t: int) -> torch.Tensor:
+    return scheduler.alphas_cumprod[t] if t >= 0 else scheduler.final_alpha_cumprod
+
+
+def to_eps(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Model output of any prediction type -> predicted noise."""
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "v_prediction":
+        return alpha.sqrt() * out + (1 - alpha).sqrt() * x
+    if prediction_type == "sample":
+        return (x - alpha.sqrt() * out) / (1 - alpha).sqrt()
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def ddim_jump(x: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor) -> torch.Tensor:
+    x0 = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
+    return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
+
+
+@dataclass
+class Inversion:
+    method: str
+    prompt: str
+    steps: int
+    guidance_scale: float
+    trajectory: torch.Tensor  # (steps + 1, C, h, w): [0] is the clean latent, [steps] is x_T
+    uncond: torch.Tensor  # (steps, K, D) unconditional context for each sampling step
+    model: str  # model_id of the pipeline it was made with
+    size: int  # image side in pixels
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def x_T(self) -> torch.Tensor:
+        return self.trajectory[-1:]
+
+    def check(self, pipe: StableDiffusionPipeline, size: int | None = None) -> None:
+        mid = model_id(pipe)
+        if mid != self.model:
+            raise InversionMismatch(f"inversion was made with model {self.model}, this pipeline is {mid}")
+        if size is not None and size != self.size:
+            raise InversionMismatch(f"inversion is for {self.size}x{self.size} images, asked for {size}x{size}")
+
+    def save(self, directory: str | Path) -> None:
+        final = Path(directory)
+        tmp = staging_dir(final)
+        save_file({"trajectory": self.trajectory.contiguous(), "uncond": self.uncond.contiguous()},
+                  str(tmp / "inversion.safetensors"))
+        meta = {k: getattr(self, k) for k in ("method", "prompt", "steps", "guidance_scale", "model", "size",
+                                               "seconds", "notes")}
+        (tmp / "inversion.json").write_text(json.dumps(meta, indent=1))
+        replace_dir(tmp, final)
+
+    @classmethod
+    def load(cls, directory: str | Path, pipe: StableDiffusionPipeline | None = None) -> "Inversion":
+        directory = Path(directory)
+        if not (directory / "inversion.json").is_file():
+            raise FileNotFoundError(f"no inversion artifact at {directory} (expected inversion.json)")
+        meta = json.loads((directory / "inversion.json").read_text())
+        tensors = load_file(str(directory / "inversion.safetensors"))
+        inv = cls(trajectory=tensors["trajectory"], uncond=tensors["uncond"], **meta)
+        if pipe is not None:
+            inv.check(pipe)
+        return inv
+
+
+@torch.no_grad()
+def encode_image(pipe: StableDiffusionPipeline, image: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    return pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def ddim_trajectory(pipe: StableDiffusionPipeline, z0: torch.Tensor, cond: torch.Tensor, steps: int,
+                    scheduler: DDIMScheduler) -> torch.Tensor:
+    """z_0 -> z_T with the conditional prediction only (guidance 1), as in null-text inversion."""
+    scheduler.set_timesteps(steps)
+    stride = scheduler.config.num_train_timesteps // steps
+    ptype = scheduler.config.prediction_type
+    traj, x = [z0], z0
+    for t in reversed(scheduler.timesteps.tolist()):
+        a_t = _alpha(scheduler, t)
+        eps = to_eps(pipe.unet(x, t, encoder_hidden_states=cond).sample, x, a_t, ptype)
+        x = ddim_jump(x, eps, _alpha(scheduler, t - stride), a_t)
+        traj.append(x)
+    return torch.cat(traj)
+
+
+def _guided_eps(pipe, x, t, cond_eps, uncond, guidance, a_t, ptype) -> torch.Tensor:
+    u = to_eps(pipe.unet(x, t, encoder_hidden_states=uncond).sample, x, a_t, ptype)
+    return u + guidance * (cond_eps - u)
+
+
+def null_text_optimise(pipe: StableDiffusionPipeline, trajectory: torch.Tensor, cond: torch.Tensor,
+                       uncond: torch.Tensor, steps: int, guidance: float, scheduler: DDIMScheduler,
+                       inner_steps: int = 10, lr: float = 1e-2, early_stop: float = 1e-5,
+                       progress: bool = False) -> torch.Tensor:
+    """Per-step null-text embeddings (reference defaults: 10 Adam steps at lr 1e-2 * (1 - i/100),
+    early stop at 1e-5 + i * 2e-5). Only the embedding takes gradients: the model's weights are
+    frozen, so backward skips every weight gradient."""
+    scheduler.set_timesteps(steps)
+    stride = scheduler.config.num_train_timesteps // steps
+    ptype = scheduler.config.prediction_type
+    frozen = [p for p in pipe.unet.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    out, x, u = [], trajectory[-1:], uncond.detach().clone()
+    try:
+        for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), disable=not progress, desc="null-text")):
+            a_t, a_prev = _alpha(scheduler, t), _alpha(scheduler, t - stride)
+            target = trajectory[steps - i - 1 : steps - i]
+            with torch.no_grad():
+                cond_eps = to_eps(pipe.unet(x, t, encoder_hidden_states=cond).sample, x, a_t, ptype)
+            u = u.detach().requires_grad_(True)
+            opt = torch.optim.Adam([u], lr=lr * (1.0 - i / 100.0))
+            for _ in range(inner_steps):
+                x_prev = ddim_jump(x, _guided_eps(pipe, x, t, cond_eps, u, guidance, a_t, ptype), a_t, a_prev)
+                loss = F.mse_loss(x_prev, target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if loss.item() < early_stop + i * 2e-5:
+                    break
+            u = u.detach()
+            out.append(u)
+            with torch.no_grad():
+                x = ddim_jump(x, _guided_eps(pipe, x, t, cond_eps, u, guidance, a_t, ptype), a_t, a_prev)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return torch.cat(out)
+
+
+def invert(pipe: StableDiffusionPipeline, image: np.ndarray, prompt: str, method: Method = "null-text",
+           steps: int = 50, guidance_scale: float = 7.5, inner_steps: int = 10, progress: bool = False) -> Inversion:
+    """Invert `image` (uint8 HxWx3 at the model's resolution) under `prompt`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown inversion method {method!r}; known: {METHODS}")
+    started = time.perf_counter()
+    scheduler = ddim_scheduler(pipe)
+    cond = encode_prompts(pipe, [prompt])
+    z0 = encode_image(pipe, image)
+    trajectory = ddim_trajectory(pipe, z0, cond, steps, scheduler)
+    if method == "null-text":
+        uncond = null_text_optimise(pipe, trajectory, cond, encode_prompts(pipe, [""]), steps, guidance_scale,
+                                    scheduler, inner_steps=inner_steps, progress=progress)
+    elif method == "negative-prompt":
+        uncond = cond.expand(steps, *cond.shape[1:]).clone()
+    else:
+        uncond = encode_prompts(pipe, [""]).expand(steps, *cond.shape[1:]).clone()
+    return Inversion(method=method, prompt=prompt, steps=steps, guidance_scale=guidance_scale,
+                     trajectory=trajectory, uncond=uncond, model=model_id(pipe), size=image.shape[0],
+                     seconds=round(time.perf_counter() - started, 3))
+
+
+class DirectInversionHook:
+    """Direct inversion: after every step the source branch (batch item 0) is set back onto the
+    inversion trajectory, so the source reconstruction is exact and the targets are edited from
+    the true latents."""
+
+    def __init__(self, inversion: Inversion):
+        self.trajectory = inversion.trajectory
+        self.steps = inversion.steps
+
+    def begin_step(self, step: int) -> None:
+        pass
+
+    def end_step(self, step: int, latents: torch.Tensor) -> torch.Tensor:
+        src = self.trajectory[self.steps - step - 1 : self.steps - step].to(latents.dtype)
+        return torch.cat([src, latents[1:]])
