@@ -95,7 +95,8 @@ def run(params: Params) -> dict:
     rows = [np.concatenate([real[c : c + 1], recon[c : c + 1], gen[c * k : (c + 1) * k]]) for c in range(min(12, n))]
     GRID.parent.mkdir(parents=True, exist_ok=True)
     tmp = GRID.with_suffix(".tmp.png")
-    grid(rows).resize((64 * (k + 2) * 3, 64 * len(rows) * 3), Image.NEAREST).save(tmp)
+    side = real.shape[1]
+    grid(rows).resize((side * (k + 2) * 3, side * len(rows) * 3), Image.NEAREST).save(tmp)
     tmp.replace(GRID)
     atomic_write_text(Path("plots/base_grid_captions.txt"), "\n".join(captions[: len(rows)]) + "\n")
     atomic_write_text(METRICS, json.dumps(metrics, indent=1))

@@ -1,0 +1,101 @@
+"""Flow `build-base`: the embedded tiny Stable Diffusion, from rendered world to evaluation.
+
+It runs every stage that `evaluate_base` needs, in DAG order read from dvc.yaml (so a stage
+added upstream is picked up), each through `dvc repro --single-item`; stages DVC reports as up
+to date are skipped. Then it publishes the evaluation as Prefect artifacts:
+`base-model-metrics` (table) and `base-model-report` (markdown with the sample grid inline).
+
+    python -m pipelines.base_flow [REPO]
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+from PIL import Image
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
+from .dvc_tasks import dag_order, repro_stage, stage_is_current
+from .report import BASE_METRICS, CAPTIONS, GRID, MODEL, base_headline, flatten
+
+TARGET = "evaluate_base"
+METRICS_KEY = "base-model-metrics"
+REPORT_KEY = "base-model-report"
+MAX_SIDE = 768  # px of the inline grid
+MAX_BYTES = 150_000  # of the PNG (base64 adds a third), to keep the artifact small
+
+
+def grid_data_uri(path: Path, max_side: int = MAX_SIDE, max_bytes: int = MAX_BYTES) -> str:
+    """The grid as a PNG data URI, shrunk by whole factors (box filter: the grid is a NEAREST
+    upscale, so this recovers its pixels) until it fits `max_side` and `max_bytes`."""
+    img = Image.open(path).convert("RGB")
+    factor = max(1, math.ceil(max(img.size) / max_side))
+    while True:
+        small = img.resize((max(1, img.width // factor), max(1, img.height // factor)), Image.BOX)
+        buf = io.BytesIO()
+        small.save(buf, format="PNG", optimize=True)
+        if buf.tell() <= max_bytes or min(small.size) <= 64:
+            return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        factor *= 2
+
+
+def report_markdown(repo: Path, metrics: dict) -> str:
+    flat = flatten(metrics)
+    k = metrics.get("images_per_caption", "?")
+    lines = [
+        "# Base model report", "",
+        f"Model: `{MODEL}` in `{repo}`; load it with `StableDiffusionPipeline.from_pretrained(\"{MODEL}\")`.", "",
+        base_headline(metrics) + ".", "",
+        "## Metrics", "", "| metric | value |", "| --- | --- |",
+        *[f"| {name} | {value} |" for name, value in flat.items()], "",
+    ]
+    if (repo / GRID).is_file():
+        lines += ["## Samples", "",
+                  f"Each row: real render | VAE reconstruction | {k} generated samples for the caption below.", "",
+                  f"![base model samples]({grid_data_uri(repo / GRID)})", ""]
+    if (repo / CAPTIONS).is_file():
+        captions = [c for c in (repo / CAPTIONS).read_text().splitlines() if c.strip()]
+        lines += ["Row captions:", "", *[f"{i}. {c}" for i, c in enumerate(captions, 1)], ""]
+    return "\n".join(lines)
+
+
+@task(name="publish-base-report", cache_policy=NONE)
+def publish_base_report(repo: Path) -> dict[str, str]:
+    """Table and markdown artifacts from metrics/base.json and the sample grid."""
+    metrics = json.loads((repo / BASE_METRICS).read_text())
+    rows = [{"metric": name, "value": value} for name, value in flatten(metrics).items()]
+    table_id = create_table_artifact(table=rows, key=METRICS_KEY,
+                                     description=f"{BASE_METRICS} of the embedded base model ({repo})")
+    report_id = create_markdown_artifact(markdown=report_markdown(repo, metrics), key=REPORT_KEY,
+                                         description=f"Base model metrics and samples ({repo})")
+    return {METRICS_KEY: str(table_id), REPORT_KEY: str(report_id)}
+
+
+@flow(name="build-base")
+def build_base(repo: str = ".", target: str = TARGET) -> dict[str, str]:
+    """Reproduce `target` (default evaluate_base) and its upstream stages; returns
+    {stage: 'ran' | 'skipped'} in the order they were considered."""
+    logger = get_run_logger()
+    root = Path(repo).resolve()
+    order = dag_order(root, target)
+    logger.info("stages in DAG order: %s", " -> ".join(order))
+    outcome: dict[str, str] = {}
+    for stage in order:
+        if stage_is_current(stage, root):
+            logger.info("%s: up to date, skipped", stage)
+            outcome[stage] = "skipped"
+        else:
+            outcome[stage] = repro_stage(stage, root)
+    if TARGET in order and (root / BASE_METRICS).is_file():
+        publish_base_report(root)
+    return outcome
+
+
+if __name__ == "__main__":
+    print(build_base(*sys.argv[1:2]))

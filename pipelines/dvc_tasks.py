@@ -1,0 +1,202 @@
+"""Prefect tasks that drive DVC, plus the DAG order read from dvc.yaml.
+
+Every stage runs as `dvc repro --single-item <stage>` in a subprocess with `cwd=repo`: DVC then
+records the stage in dvc.lock exactly as a workstation `dvc repro` would, so after a flow run
+`dvc status` is clean and vice versa. The DVC CLI in a subprocess is safe to call from Prefect
+worker threads; DVC's Python API (`dvc.repo.Repo`) is not thread-safe and changes the cwd.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections import deque
+from pathlib import Path, PurePosixPath
+from typing import Iterable
+
+import yaml
+from prefect import task
+from prefect.cache_policies import NONE
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+TAIL_LINES = 40
+
+# DVC / OS messages of failures worth retrying: another DVC process holds the repo lock, or the
+# filesystem hiccuped. Anything else (a stage's own error, bad params, a missing input) fails at once.
+TRANSIENT = re.compile(
+    r"Unable to acquire lock|is busy, it is being blocked by|Input/output error|Resource temporarily unavailable"
+    r"|Stale file handle|Too many open files|Device or resource busy"
+)
+
+
+class DvcStageError(RuntimeError):
+    """A DVC command failed for a reason retrying will not fix; the message ends with its stderr tail."""
+
+    def __init__(self, message: str, stage: str = "", returncode: int | None = None, tail: str = ""):
+        super().__init__(message)
+        self.stage, self.returncode, self.tail = stage, returncode, tail
+
+
+class DvcIOError(OSError):
+    """A DVC command failed on locking or I/O; `repro_stage` retries these."""
+
+
+def dvc_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for DVC and the stage commands it spawns: offline, unbuffered, and with this
+    interpreter's bin directory first on PATH so `python -m stages.<name>` (dvc.yaml's `cmd`)
+    runs in the same virtualenv as the flow."""
+    env = dict(os.environ if base is None else base)
+    for k, v in OFFLINE_ENV.items():
+        env.setdefault(k, v)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TQDM_MININTERVAL", "10")  # progress bars become a log line every 10 s, not every step
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, *[p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]])
+    return env
+
+
+def dvc_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("pipelines.dvc")
+
+
+def _pump(stream, log, level: int, sink: deque | list) -> None:
+    for line in stream:
+        line = line.rstrip()
+        if line:
+            sink.append(line)
+            log.log(level, line)
+
+
+def _failure(args: list[str], stage: str, rc: int, tail: str) -> Exception:
+    cmd = " ".join(["dvc", *args])
+    msg = f"`{cmd}` failed with exit code {rc} in stage {stage!r}; last lines of stderr:\n{tail or '(empty)'}"
+    if TRANSIENT.search(tail):
+        return DvcIOError(msg)
+    return DvcStageError(msg, stage=stage, returncode=rc, tail=tail)
+
+
+def stream_dvc(args: list[str], repo: Path, stage: str = "") -> list[str]:
+    """Run a DVC command in `repo`, logging stdout and stderr line by line as they arrive.
+    Returns the stdout lines; raises DvcIOError / DvcStageError with the stderr tail on failure."""
+    log = _logger()
+    stdout: list[str] = []
+    stderr: deque[str] = deque(maxlen=TAIL_LINES)
+    proc = subprocess.Popen(dvc_command(*args), cwd=repo, env=dvc_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1,
+                            errors="replace")
+    err_thread = threading.Thread(target=_pump, args=(proc.stderr, log, logging.INFO, stderr), daemon=True)
+    err_thread.start()
+    _pump(proc.stdout, log, logging.INFO, stdout)
+    rc = proc.wait()
+    err_thread.join()
+    if rc != 0:
+        raise _failure(args, stage, rc, "\n".join(stderr))
+    return stdout
+
+
+def _retry_on_io_error(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="dvc-repro", task_run_name="repro {stage}", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=_retry_on_io_error, cache_policy=NONE)
+def repro_stage(stage: str, repo: Path) -> str:
+    """`dvc repro --single-item <stage>` in `repo`; returns 'ran', or 'skipped' when DVC found the
+    stage unchanged ('ran' includes outputs DVC restored from its run-cache). Lock and I/O failures
+    are retried twice; a failing stage is not."""
+    out = stream_dvc(["repro", "--single-item", stage], Path(repo), stage)
+    return "skipped" if any("didn't change, skipping" in line for line in out) else "ran"
+
+
+def stage_status(stage: str, repo: Path) -> dict:
+    """`dvc status <stage> --json`: {} when the stage's lock entry matches its deps, params and outs."""
+    proc = subprocess.run(dvc_command("status", stage, "--json"), cwd=repo, env=dvc_env(), capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise _failure(["status", stage, "--json"], stage, proc.returncode,
+                       "\n".join(proc.stderr.strip().splitlines()[-TAIL_LINES:]))
+    text = proc.stdout.strip()
+    return json.loads(text[text.index("{"):]) if "{" in text else {}
+
+
+def stage_is_current(stage: str, repo: Path) -> bool:
+    return not stage_status(stage, Path(repo))
+
+
+# --- DAG order from dvc.yaml -------------------------------------------------------------------
+
+def _paths(entries: Iterable | None) -> list[str]:
+    """Paths of a deps/outs/metrics/plots list, whose items are `path` or `{path: options}`."""
+    paths = []
+    for e in entries or []:
+        paths.extend([e] if isinstance(e, str) else list(e))
+    return paths
+
+
+def _norm(wdir: str, path: str) -> PurePosixPath:
+    return PurePosixPath(os.path.normpath(os.path.join(wdir, path)))
+
+
+def _overlap(a: PurePosixPath, b: PurePosixPath) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def dag_order(repo: str | Path, target: str | None = None) -> list[str]:
+    """Stage names of `repo/dvc.yaml` in topological order (ties keep dvc.yaml order).
+
+    A stage depends on another when one of its deps is, contains or lies inside one of the
+    other's outs, metrics or plots, which is how DVC builds its graph. With `target`, only that
+    stage and its ancestors. Templated (`foreach` / `matrix`) stages are not expanded here.
+    """
+    spec = yaml.safe_load((Path(repo) / "dvc.yaml").read_text()) or {}
+    stages: dict = spec.get("stages") or {}
+    outs, deps = {}, {}
+    for name, s in stages.items():
+        wdir = s.get("wdir", ".") if isinstance(s, dict) else "."
+        body = s.get("do", s) if isinstance(s, dict) else {}
+        outs[name] = [_norm(wdir, p) for key in ("outs", "metrics", "plots") for p in _paths(body.get(key))]
+        deps[name] = [_norm(wdir, p) for p in _paths(body.get("deps"))]
+    upstream = {n: [m for m in stages if m != n and any(_overlap(d, o) for d in deps[n] for o in outs[m])]
+                for n in stages}
+    if target is not None:
+        if target not in stages:
+            raise KeyError(f"stage {target!r} is not in {Path(repo) / 'dvc.yaml'} (stages: {', '.join(stages)})")
+        keep, todo = set(), [target]
+        while todo:
+            n = todo.pop()
+            if n not in keep:
+                keep.add(n)
+                todo.extend(upstream[n])
+    else:
+        keep = set(stages)
+    templated = [n for n in keep if isinstance(stages[n], dict) and ({"foreach", "matrix"} & set(stages[n]))]
+    if templated:
+        raise ValueError(f"templated stages {templated} are not expanded here; list them explicitly in dvc.yaml")
+    order: list[str] = []
+    pending = [n for n in stages if n in keep]
+    while pending:
+        ready = [n for n in pending if all(u in order or u not in keep for u in upstream[n])]
+        if not ready:
+            raise ValueError(f"dvc.yaml has a dependency cycle among {pending}")
+        order.append(ready[0])
+        pending.remove(ready[0])
+    return order

@@ -1,0 +1,99 @@
+"""`python -m pipelines.report [--repo DIR]`: a short human summary of metrics/*.json and of where
+the results are. `make run` calls it after `dvc repro`; the Prefect flow builds its artifacts
+from the same helpers. No Prefect import, so it is instant."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+MODEL = Path("models/base")
+GRID = Path("plots/base_grid.png")
+CAPTIONS = Path("plots/base_grid_captions.txt")
+METRICS_DIR = Path("metrics")
+BASE_METRICS = METRICS_DIR / "base.json"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    flat: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{key}."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def load_metrics(repo: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted((repo / METRICS_DIR).glob("*.json")):
+        try:
+            out[path.stem] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            out[path.stem] = {"error": f"unreadable: {err}"}
+    return out
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "n/a"
+
+
+def base_headline(m: dict) -> str:
+    """One sentence on the base model from metrics/base.json."""
+    gen, real = m.get("generated", {}), m.get("real", {})
+    clip_t, kid = m.get("clip_t", {}), m.get("kid", {})
+    return (f"base model: generated images get every requested attribute right in {_pct(gen.get('all'))} of "
+            f"samples (real renders: {_pct(real.get('all'))}); CLIP-T generated/real = {clip_t.get('ratio', 'n/a')}; "
+            f"KID generated-vs-real {kid.get('generated_vs_real', 'n/a')} (real-vs-real {kid.get('real_vs_real', 'n/a')}); "
+            f"{m.get('seconds_per_image', 'n/a')} s/image at {m.get('steps', '?')} steps")
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def summary(repo: Path) -> str:
+    repo = Path(repo)
+    metrics = load_metrics(repo)
+    lines = [f"Results in {repo.resolve()}"]
+    if not metrics:
+        lines.append("  no metrics/*.json yet: run `dvc repro` (or `make run`) first")
+        return "\n".join(lines)
+    if "base" in metrics:
+        base = metrics["base"]
+        lines.append("  " + base_headline(base))
+        gen, real = base.get("generated", {}), base.get("real", {})
+        if gen:
+            lines.append("  attribute accuracy generated/real: "
+                         + ", ".join(f"{k} {_fmt(v)}/{_fmt(real.get(k, 'n/a'))}" for k, v in gen.items()))
+    for name, m in metrics.items():
+        if name == "base":
+            lines.append(f"  metrics/{name}.json: {len(flatten(m))} values (`dvc metrics show`)")
+            continue
+        flat = "  ".join(f"{k}={_fmt(v)}" for k, v in flatten(m).items())
+        lines.append(f"  metrics/{name}.json: {flat}")
+
+    def where(path: Path, what: str) -> str:
+        return f"  {what:<8} {path}" + ("" if (repo / path).exists() else "  (missing)")
+
+    lines += [
+        where(MODEL, "model:") + f"  -> StableDiffusionPipeline.from_pretrained({str(MODEL)!r})",
+        where(GRID, "samples:") + f"  (rows: real | VAE reconstruction | samples; captions in {CAPTIONS})",
+        "  more:    `dvc metrics show`, `dvc plots show` (loss curves in plots/*.csv)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repo", type=Path, default=Path("."), help="project root (default: .)")
+    args = ap.parse_args(argv)
+    print(summary(args.repo))
+    return 0 if load_metrics(args.repo) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The Prefect flow `build_base` against a real (temporary) Prefect server and the real DVC CLI,
+on the tiny profile in a temporary repo: it runs the DAG, leaves DVC with nothing to do, skips
+everything on a second run, and publishes its artifacts."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from repo_fixtures import ROOT, STAGES, dvc, dvc_status, make_repo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    from prefect.settings import (PREFECT_HOME, PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW,
+                                  PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings)
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    # Tasks called outside a flow (the failure tests) log locally without a warning.
+    with temporary_settings(updates={PREFECT_HOME: home, PREFECT_RESULTS_LOCAL_STORAGE_PATH: home / "results",
+                                     PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
+        with prefect_test_harness(server_startup_timeout=180):
+            yield
+
+
+@pytest.fixture(scope="module")
+def flow_repo(prefect_server, tmp_path_factory):
+    """(repo, return value of the first flow run)."""
+    from pipelines.base_flow import build_base
+
+    repo = make_repo(tmp_path_factory.mktemp("flow") / "project")
+    return repo, build_base(str(repo))
+
+
+def test_dag_order_follows_dvc_yaml():
+    from pipelines.dvc_tasks import dag_order
+
+    assert dag_order(ROOT) == STAGES
+    assert dag_order(ROOT, "unet") == ["world", "text_encoder", "vae", "unet"]
+    assert dag_order(ROOT, "world") == ["world"]
+
+
+def test_first_run_reproduces_every_stage(flow_repo):
+    _, result = flow_repo
+    assert result == {stage: "ran" for stage in STAGES}
+
+
+def test_dvc_agrees_with_prefect(flow_repo):
+    repo, _ = flow_repo
+    lock = (repo / "dvc.lock").read_text()
+    for stage in STAGES:
+        assert f"\n  {stage}:\n" in lock
+    assert dvc_status(repo) == {}
+    out = dvc(repo, "repro")
+    assert "Running stage" not in out.stdout + out.stderr
+
+
+def test_second_run_skips_every_stage(flow_repo):
+    from pipelines.base_flow import build_base
+
+    repo, _ = flow_repo
+    assert build_base(str(repo)) == {stage: "skipped" for stage in STAGES}
+
+
+def test_artifacts_published(flow_repo):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    repo, _ = flow_repo
+
+    async def read(key):
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+    tables = asyncio.run(read("base-model-metrics"))
+    reports = asyncio.run(read("base-model-report"))
+    assert tables and reports
+    assert tables[0].type == "table" and reports[0].type == "markdown"
+    rows = tables[0].data if isinstance(tables[0].data, list) else json.loads(tables[0].data)
+    metrics = {row["metric"]: row["value"] for row in rows}
+    assert metrics["clip_t.ratio"] == json.loads((repo / "metrics/base.json").read_text())["clip_t"]["ratio"]
+    report = reports[0].data
+    assert "data:image/png;base64," in report
+    first_caption = (repo / "plots/base_grid_captions.txt").read_text().splitlines()[0]
+    assert first_caption in report
+
+
+@pytest.fixture(scope="module")
+def scratch_repo(tmp_path_factory):
+    return make_repo(tmp_path_factory.mktemp("scratch") / "project")
+
+
+def _run_count(state) -> int:
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return (await client.read_task_run(state.state_details.task_run_id)).run_count
+
+    return asyncio.run(read())
+
+
+def test_failed_stage_is_not_retried(prefect_server, scratch_repo):
+    """A stage DVC cannot run fails at once, with DVC's own error (the stderr tail) in the message."""
+    from pipelines.dvc_tasks import DvcStageError, repro_stage
+
+    state = repro_stage("no_such_stage", scratch_repo, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(DvcStageError, match="no_such_stage") as err:
+        state.result()
+    assert "ERROR" in err.value.tail
+    assert _run_count(state) == 1
+
+
+def test_repo_lock_contention_is_retried(prefect_server, scratch_repo):
+    """While another process holds the DVC repo lock, DVC fails with 'Unable to acquire lock':
+    an I/O failure, which the task retries twice before giving up."""
+    import zc.lockfile
+
+    from pipelines.dvc_tasks import DvcIOError, repro_stage
+
+    (scratch_repo / ".dvc" / "tmp").mkdir(exist_ok=True)
+    lock = zc.lockfile.LockFile(str(scratch_repo / ".dvc" / "tmp" / "lock"))
+    try:
+        state = repro_stage("world", scratch_repo, return_state=True)
+    finally:
+        lock.close()
+    with pytest.raises(DvcIOError, match="Unable to acquire lock"):
+        state.result()
+    assert _run_count(state) == 3
