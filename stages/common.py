@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from pathlib import Path
 
 import torch
 
-from manip.training.checkpoint import atomic_write_text
+from manip.training.checkpoint import atomic_write_text, replace_dir, staging_dir
 from manip.training.loop import LoopConfig
 
 from pydantic import BaseModel
@@ -55,3 +56,20 @@ def require(path: Path, stage: str) -> Path:
     if not path.exists():
         raise StageInputError(f"{path} is missing: build it with `dvc repro {stage}`")
     return path
+
+
+def save_pretrained(final: Path, *components) -> None:
+    """`save_pretrained` of one or more objects into a folder that appears whole or not at all."""
+    tmp = staging_dir(final)
+    for component in components:
+        component.save_pretrained(tmp)
+    replace_dir(tmp, final)
+
+
+def publish(metrics: dict, metrics_path: Path, histories: dict[Path, list[dict[str, float]]]) -> dict:
+    """Write a stage's DVC metrics and loss curves, and print the metrics."""
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=1))
+    for path, history in histories.items():
+        write_history(path, history)
+    print(json.dumps(metrics))
+    return metrics

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +13,12 @@ import torch
 from transformers import CLIPImageProcessor, CLIPTokenizer
 
 from manip.metrics.judge import AttributeJudge, attribute_hits, predict
-from manip.training.checkpoint import atomic_write_text, replace_dir, staging_dir
 from manip.training.judge import train_judge
 from manip.world.dataset import load_split
 
 from ._runner import main
 from .clip_common import fit_clip
-from .common import fingerprint, loop_config, require, write_history
+from .common import fingerprint, loop_config, publish, require, save_pretrained
 from .params import Params, load_params
 
 CLIP_OUT = Path("models/clip")
@@ -42,11 +40,7 @@ def run(params: Params) -> dict:
     tokenizer = CLIPTokenizer.from_pretrained(require(TOKENIZER, "text_encoder"))
     clip, clip_history, metrics = fit_clip(params, params.evaluator, tokenizer, ["train", "concepts"],
                                            params.seed + 1, "evaluator")
-    tmp = staging_dir(CLIP_OUT)
-    clip.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    image_processor(params.world.size).save_pretrained(tmp)
-    replace_dir(tmp, CLIP_OUT)
+    save_pretrained(CLIP_OUT, clip, tokenizer, image_processor(params.world.size))
 
     torch.manual_seed(params.seed + 2)
     train_split, concepts = load_split("data/world/train"), load_split("data/world/concepts")
@@ -59,14 +53,8 @@ def run(params: Params) -> dict:
     hits = attribute_hits(predict(result.model, np.asarray(test.images)), test.scenes)
     metrics.update({f"judge_test_{k}": round(float(v.mean()), 4) for k, v in hits.items()})
     metrics["judge_train_seconds"] = result.seconds
-    tmp = staging_dir(JUDGE_OUT)
-    result.model.save_pretrained(tmp)
-    replace_dir(tmp, JUDGE_OUT)
-    atomic_write_text(METRICS, json.dumps(metrics, indent=1))
-    write_history(PLOTS["clip"], clip_history)
-    write_history(PLOTS["judge"], result.history)
-    print(json.dumps(metrics))
-    return metrics
+    save_pretrained(JUDGE_OUT, result.model)
+    return publish(metrics, METRICS, {PLOTS["clip"]: clip_history, PLOTS["judge"]: result.history})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ models/base/unet, the sampling scheduler and model_index.json, completing the pi
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -14,12 +13,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from manip.models.factory import make_unet
 from manip.models.schedulers import sampling_scheduler, training_scheduler
-from manip.training.checkpoint import atomic_write_text, replace_dir, staging_dir
 from manip.training.unet import encode_latents, train_unet
 from manip.world.dataset import load_split
 
 from ._runner import main
-from .common import fingerprint, loop_config, require, write_history
+from .common import fingerprint, loop_config, publish, require, save_pretrained
 from .params import Params, load_params
 
 BASE = Path("models/base")
@@ -59,18 +57,13 @@ def run(params: Params) -> dict:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=result.model,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    for name, component in (("unet", result.model), ("scheduler", scheduler)):
-        tmp = staging_dir(BASE / name)
-        component.save_pretrained(tmp)
-        replace_dir(tmp, BASE / name)
+    save_pretrained(BASE / "unet", result.model)
+    save_pretrained(BASE / "scheduler", scheduler)
     pipe.save_config(BASE)
     metrics = {"final_loss": round(result.history[-1]["loss"], 5), "steps": p.train.steps,
                "train_seconds": result.seconds,
                "parameters_m": round(sum(x.numel() for x in unet.parameters()) / 1e6, 3)}
-    atomic_write_text(METRICS, json.dumps(metrics, indent=1))
-    write_history(PLOT, result.history)
-    print(json.dumps(metrics))
-    return metrics
+    return publish(metrics, METRICS, {PLOT: result.history})
 
 
 if __name__ == "__main__":

@@ -1,18 +1,16 @@
 """Stage `train_vae`: train the autoencoder on train-split renders; save models/base/vae."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from manip.models.factory import make_vae
-from manip.training.checkpoint import atomic_write_text, replace_dir, staging_dir
 from manip.training.vae import latent_scale, test_psnr, train_vae
 from manip.world.dataset import load_split
 
 from ._runner import main
-from .common import fingerprint, loop_config, write_history
+from .common import fingerprint, loop_config, publish, save_pretrained
 from .params import Params, load_params
 
 OUT = Path("models/base/vae")
@@ -34,13 +32,8 @@ def run(params: Params) -> dict:
     metrics = {"test_psnr_db": round(test_psnr(final, test.images), 3),
                "scaling_factor": round(final.config.scaling_factor, 5), "train_seconds": result.seconds,
                "parameters_m": round(sum(x.numel() for x in final.parameters()) / 1e6, 3)}
-    tmp = staging_dir(OUT)
-    final.save_pretrained(tmp)
-    replace_dir(tmp, OUT)
-    atomic_write_text(METRICS, json.dumps(metrics, indent=1))
-    write_history(PLOT, result.history)
-    print(json.dumps(metrics))
-    return metrics
+    save_pretrained(OUT, final)
+    return publish(metrics, METRICS, {PLOT: result.history})
 
 
 if __name__ == "__main__":

@@ -70,10 +70,17 @@ def test_each_wrong_attribute_is_caught():
     pred["slot_colour"][3, 0] = 0  # green rocket drawn natural
     hits = attribute_hits(pred, SCENES)
     assert hits["background"].tolist() == [False, True, True, True]
-    assert hits["position"].tolist() == [True, False, True, True]
+    assert hits["position"].tolist() == [True, True, True, True]  # occupied slots are right
     assert hits["object"].tolist() == [True, True, True, True]
     assert hits["colour"].tolist() == [True, True, True, False]
     assert hits["all"].tolist() == [False, False, True, False]
+
+    moved = perfect_predictions(SCENES)
+    moved["slot_object"][2] = np.roll(moved["slot_object"][2], 1)  # the single object drawn in another slot
+    hits = attribute_hits(moved, SCENES)
+    assert hits["position"].tolist() == [True, True, False, True]
+    assert hits["object"].tolist() == [True, True, True, True]
+    assert hits["all"].tolist() == [True, True, False, True]
 
     missing = perfect_predictions(SCENES)
     missing["slot_object"][1, 2] = EMPTY  # the apple is not drawn

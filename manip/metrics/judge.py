@@ -88,17 +88,19 @@ def predict(judge: AttributeJudge, images: np.ndarray, batch: int = 256) -> dict
 def attribute_hits(pred: dict[str, np.ndarray], scenes: list[Scene]) -> dict[str, np.ndarray]:
     """Per-image booleans: is each attribute the prompt asked for present?
 
-    `object`: every requested object appears in some slot; `position`: the slot layout matches
-    exactly (right objects in the right slots, others empty); `all`: every attribute right.
+    `object`: every requested object appears in some slot; `position`: the occupied slots are
+    exactly the requested ones; `colour`: each requested object's tint is right; `all`: every
+    object in its own slot with its colour, and background, time and style right.
     """
     tgt = scene_targets(scenes)
     hits = {k: pred[k] == tgt[k].numpy() for k in HEADS}
-    t_obj = tgt["slot_object"].numpy()
-    hits["position"] = (pred["slot_object"] == t_obj).all(1)
+    t_obj, p_obj = tgt["slot_object"].numpy(), pred["slot_object"]
+    hits["position"] = ((p_obj != EMPTY) == (t_obj != EMPTY)).all(1)
     hits["object"] = np.array([
-        all(o in set(p_row[p_row != EMPTY]) for o in t_row[t_row != EMPTY]) for p_row, t_row in zip(pred["slot_object"], t_obj)
+        all(o in set(p_row[p_row != EMPTY]) for o in t_row[t_row != EMPTY]) for p_row, t_row in zip(p_obj, t_obj)
     ])
     t_col = tgt["slot_colour"].numpy()
     hits["colour"] = np.where(t_col >= 0, pred["slot_colour"] == t_col, True).all(1)
-    hits["all"] = np.all([hits[k] for k in ("background", "time", "style", "position", "colour")], axis=0)
+    layout = (p_obj == t_obj).all(1)
+    hits["all"] = layout & np.all([hits[k] for k in ("background", "time", "style", "colour")], axis=0)
     return hits

@@ -1,0 +1,148 @@
+"""Stage `edit_benchmark`: EmojiWorld-Edit, every inversion method x Prompt-to-Prompt on one set
+of real-image edits with exact ground truth (see manip/editing/benchmark.py).
+
+Inputs: models/base (the pipeline that edits), models/clip (CLIP-T and structure distance),
+models/judge (edit success), data/world/test (the source scenes) and the emoji artwork (the
+ground-truth renders). Outputs: metrics/edit_benchmark.json (means per inversion x edit type and
+per inversion overall), plots/edit_benchmark_cases.csv (one row per method x case) and
+plots/edit_grid.png (input | ground truth | each method, a few cases per edit type).
+
+Work is kept per (method, case) under data/edit_benchmark/ and resumed; `limit_per_run` caps
+how many shards one invocation computes (the reports then cover what is finished and say
+`"complete": false`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from manip.editing.benchmark import (KINDS, BenchmarkSettings, EditBenchmark, aggregate, build_cases, cases_csv,
+                                     edit_grid)
+from manip.training.checkpoint import atomic_write_text
+
+from ._runner import main
+from .common import require, set_threads
+from .params import PARAMS_FILE, Params, ParamsError, Pos, Strict, load_params
+
+BASE, CLIP, JUDGE = Path("models/base"), Path("models/clip"), Path("models/judge")
+TEST = Path("data/world/test")
+WORK = Path("data/edit_benchmark")
+METRICS = Path("metrics/edit_benchmark.json")
+CASES_CSV = Path("plots/edit_benchmark_cases.csv")
+GRID = Path("plots/edit_grid.png")
+
+InversionName = Literal["ddim", "null-text", "negative-prompt", "direct"]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class EditBenchmarkParams(Strict):
+    n_cases: Pos = 300
+    steps: Pos = 50
+    guidance_scale: Annotated[float, Field(ge=1)] = 7.5
+    inversions: list[InversionName] = ["ddim", "null-text", "negative-prompt", "direct"]
+    null_text_inner_steps: Pos = 10
+    cross_replace: Fraction = 0.8
+    self_replace: Fraction = 0.4
+    local_blend: bool = True
+    blend_threshold: Fraction = 0.3
+    limit_per_run: Pos | None = None
+
+    @field_validator("inversions")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one inversion method")
+        if len(set(v)) != len(v):
+            raise ValueError(f"inversion methods repeat: {v}")
+        return v
+
+    def settings(self) -> BenchmarkSettings:
+        return BenchmarkSettings(steps=self.steps, guidance_scale=self.guidance_scale,
+                                 null_text_inner_steps=self.null_text_inner_steps, cross_replace=self.cross_replace,
+                                 self_replace=self.self_replace, local_blend=self.local_blend,
+                                 blend_threshold=self.blend_threshold)
+
+
+def load_stage_params(path: str | Path = PARAMS_FILE) -> tuple[Params, EditBenchmarkParams]:
+    """(project params, the `edit_benchmark` section). Until `Params` declares the section, it
+    is taken out of the raw YAML before the rest is validated (Params forbids unknown keys)."""
+    if "edit_benchmark" in Params.model_fields:
+        params = load_params(path)
+        return params, params.edit_benchmark
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found (run from the project root, or set MANIP_PARAMS)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from err
+    section = raw.pop("edit_benchmark", None) or {}
+    errors = []
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as err:
+        errors += [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+    try:
+        bench = EditBenchmarkParams.model_validate(section)
+    except ValidationError as err:
+        errors += [f"edit_benchmark.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+    if errors:
+        raise ParamsError(f"invalid {path}:\n  " + "\n  ".join(errors))
+    return params, bench
+
+
+def run(params: Params, bench: EditBenchmarkParams, progress: bool = True) -> dict:
+    set_threads()
+    # Heavy imports here, so that a params error is reported before torch loads.
+    from diffusers import StableDiffusionPipeline
+
+    from manip.metrics.clip_scores import ClipScorer
+    from manip.metrics.judge import AttributeJudge
+    from manip.world import Artwork, Renderer
+    from manip.world.dataset import load_split
+
+    require(BASE / "model_index.json", "unet")
+    require(CLIP / "config.json", "evaluator")
+    require(JUDGE / "config.json", "evaluator")
+    require(TEST / "images.npy", "world")
+    pipe = StableDiffusionPipeline.from_pretrained(BASE, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    scorer = ClipScorer(CLIP)
+    judge = AttributeJudge.from_pretrained(JUDGE).eval()
+    renderer = Renderer(Artwork(params.world.artwork_dir), params.world.size)
+    test = load_split(TEST)
+
+    cases = build_cases(test.scenes, params.seed, bench.n_cases)
+    methods = list(bench.inversions)
+    runner = EditBenchmark(pipe, renderer, scorer, judge, bench.settings(), WORK)
+    summary = runner.run(cases, methods, limit=bench.limit_per_run, progress=progress)
+    records = runner.records(cases, methods)
+
+    metrics = {
+        "complete": summary.complete, "n_cases": len(cases),
+        "n_cases_by_kind": {k: sum(c.kind == k for c in cases) for k in KINDS},
+        "shards": {"done": len(records), "computed_this_run": summary.computed, "remaining": summary.remaining},
+        "settings": bench.model_dump(exclude={"limit_per_run", "n_cases"}),
+        "grid_columns": ["input", "ground truth", *methods],
+        "inversions": aggregate(records, methods),
+    }
+    atomic_write_text(CASES_CSV, cases_csv(records))
+    grid = edit_grid(runner, cases, methods)
+    if grid is not None:
+        GRID.parent.mkdir(parents=True, exist_ok=True)
+        tmp = GRID.with_suffix(".tmp.png")
+        grid.save(tmp)
+        tmp.replace(GRID)
+    atomic_write_text(METRICS, json.dumps(metrics, indent=1))
+    print(json.dumps({m: v["overall"] for m, v in metrics["inversions"].items()}, indent=1))
+    if not summary.complete:
+        print(f"{summary.remaining} (method, case) shards left: run the stage again to continue")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(lambda: run(*load_stage_params()))
