@@ -63,7 +63,7 @@ class UnetParams(Strict):
     block_out_channels: list[Pos] = [64, 128, 128]
     layers_per_block: Pos = 1
     attention_head_dim: Pos = 8
-    train: LoopParams = LoopParams(steps=6500, batch_size=64, lr=5e-4, ema_decay=0.999, checkpoint_every=250)
+    train: LoopParams = LoopParams(steps=6000, batch_size=64, lr=5e-4, ema_decay=0.999, checkpoint_every=250)
     uncond_prob: Annotated[float, Field(ge=0, lt=1)] = 0.1
 
 
