@@ -33,7 +33,10 @@ def load_image(source: str | Path | Image.Image | np.ndarray, size: int) -> tupl
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3):
             raise ImageInputError(f"array images must be uint8 HxW or HxWxC, got {source.dtype} {source.shape}")
-        source = Image.fromarray(source)
+        try:
+            source = Image.fromarray(source)
+        except (TypeError, ValueError) as err:
+            raise ImageInputError(f"cannot read a {source.shape} uint8 array as an image: {err}") from None
     if isinstance(source, Image.Image):
         im = source
     else:
@@ -41,14 +44,19 @@ def load_image(source: str | Path | Image.Image | np.ndarray, size: int) -> tupl
         if not path.is_file():
             raise ImageInputError(f"no image file at {path}")
         try:
-            im = Image.open(path)
-            if im.width * im.height > MAX_PIXELS:
-                raise ImageInputError(
-                    f"{path} is {im.width}x{im.height} pixels, over the limit of {MAX_PIXELS:,}: refused "
-                    "(possible decompression bomb)")
+            # Pillow warns (not raises) between MAX_IMAGE_PIXELS and twice that, already in
+            # `open`: the warning filter must cover the open as well as the decode.
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                im.load()
+                with Image.open(path) as opened:
+                    if opened.width * opened.height > MAX_PIXELS:
+                        raise ImageInputError(
+                            f"{path} is {opened.width}x{opened.height} pixels, over the limit of {MAX_PIXELS:,}: "
+                            "refused (possible decompression bomb)")
+                    opened.load()
+                    im = opened.copy()  # keeps mode, palette and info (transparency)
+        except ImageInputError:
+            raise  # a ValueError: keep it out of the "corrupt" branch below
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise ImageInputError(f"{path} refused as a possible decompression bomb: {err}") from None
         except UnidentifiedImageError:

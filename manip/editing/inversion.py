@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -39,20 +40,38 @@ class InversionMismatch(ValueError):
     """An inversion artifact used with a model or size it was not made with."""
 
 
+_BOOKKEEPING = ("transformers_version", "architectures", "dtype", "torch_dtype")
+
+
+def _architecture(config: dict) -> dict:
+    """A config without bookkeeping keys: `_name_or_path` (where it was loaded from), library
+    versions, and what `save_pretrained` adds (`architectures`, `dtype`), any of which would make
+    one model look like another once moved, saved or reloaded. The dtype still counts: it is in
+    the weight digest."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in _BOOKKEEPING}
+
+
 def model_id(pipe: StableDiffusionPipeline) -> str:
-    """Identity of the denoiser + text encoder + VAE: configs and a digest of a few weights."""
+    """Identity of the denoiser + text encoder + VAE: configs, and a digest of the first values
+    of every weight tensor (cheap even for full-size SD, and it sees a fine-tune or a swapped text
+    encoder that leaves the UNet's outer convolutions alone)."""
     h = hashlib.sha256()
     for comp in (pipe.unet, pipe.vae):
-        h.update(json.dumps(dict(comp.config), sort_keys=True, default=str).encode())
-    h.update(json.dumps(pipe.text_encoder.config.to_dict(), sort_keys=True, default=str).encode())
-    for w in (pipe.unet.conv_in.weight, pipe.unet.conv_out.weight, pipe.vae.decoder.conv_out.weight):
-        h.update(w.detach().float().cpu().numpy().tobytes())
+        h.update(json.dumps(_architecture(dict(comp.config)), sort_keys=True, default=str).encode())
+    h.update(json.dumps(_architecture(pipe.text_encoder.config.to_dict()), sort_keys=True, default=str).encode())
+    for comp in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for name, w in comp.named_parameters():
+            h.update(name.encode())
+            h.update(w.detach().flatten()[:16].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 def ddim_scheduler(pipe: StableDiffusionPipeline) -> DDIMScheduler:
-    """The pipeline's noise schedule as a deterministic DDIM sampler (eta = 0)."""
-    return DDIMScheduler.from_config(pipe.scheduler.config)
+    """The pipeline's noise schedule as a deterministic DDIM sampler (eta = 0). Clipping and
+    thresholding of the predicted x_0 are off whatever the config says (DDIMScheduler defaults to
+    clip_sample=True when converted from a config without the key): the inversion never clips, so
+    a clipping sampler would not retrace it."""
+    return DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
 
 
 def _alpha(scheduler: DDIMScheduler, t: int) -> torch.Tensor:
@@ -114,9 +133,12 @@ class Inversion:
         directory = Path(directory)
         if not (directory / "inversion.json").is_file():
             raise FileNotFoundError(f"no inversion artifact at {directory} (expected inversion.json)")
-        meta = json.loads((directory / "inversion.json").read_text())
-        tensors = load_file(str(directory / "inversion.safetensors"))
-        inv = cls(trajectory=tensors["trajectory"], uncond=tensors["uncond"], **meta)
+        try:
+            meta = json.loads((directory / "inversion.json").read_text())
+            tensors = load_file(str(directory / "inversion.safetensors"))
+            inv = cls(trajectory=tensors["trajectory"], uncond=tensors["uncond"], **meta)
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            raise ValueError(f"{directory} is not a readable inversion artifact: {err}") from None
         if pipe is not None:
             inv.check(pipe)
         return inv
@@ -169,8 +191,10 @@ def null_text_optimise(pipe: StableDiffusionPipeline, trajectory: torch.Tensor, 
             target = trajectory[steps - i - 1 : steps - i]
             with torch.no_grad():
                 cond_eps = to_eps(pipe.unet(x, t, encoder_hidden_states=cond).sample, x, a_t, ptype)
-            u = u.detach().requires_grad_(True)
-            opt = torch.optim.Adam([u], lr=lr * (1.0 - i / 100.0))
+            u = u.detach().clone().requires_grad_(True)  # Adam updates in place: a fresh tensor per step
+            # The reference's 1 - i/100 decay, stretched past 50 steps so that it never goes
+            # negative (Adam refuses a negative rate: null-text with > 101 steps used to crash).
+            opt = torch.optim.Adam([u], lr=lr * (1.0 - i / max(100, 2 * steps)))
             for _ in range(inner_steps):
                 x_prev = ddim_jump(x, _guided_eps(pipe, x, t, cond_eps, u, guidance, a_t, ptype), a_t, a_prev)
                 loss = F.mse_loss(x_prev, target)
@@ -194,8 +218,13 @@ def invert(pipe: StableDiffusionPipeline, image: np.ndarray, prompt: str, method
     """Invert `image` (uint8 HxWx3 at the model's resolution) under `prompt`."""
     if method not in METHODS:
         raise ValueError(f"unknown inversion method {method!r}; known: {METHODS}")
-    started = time.perf_counter()
     scheduler = ddim_scheduler(pipe)
+    n_train = scheduler.config.num_train_timesteps
+    if not 1 <= steps <= n_train:  # 0 would divide by zero below, more than n_train repeat timesteps
+        raise ValueError(f"steps must be between 1 and {n_train}, got {steps}")
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+    started = time.perf_counter()
     cond = encode_prompts(pipe, [prompt])
     z0 = encode_image(pipe, image)
     trajectory = ddim_trajectory(pipe, z0, cond, steps, scheduler)

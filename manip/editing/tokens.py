@@ -65,10 +65,12 @@ def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
                 m[sa + i, ta + i] = 1.0
         else:
             m[sa:sb, ta:tb] = 1.0 / (sb - sa)
-    # EOS and padding: align positionally after each prompt's last word.
+    # EOS and padding: align positionally after each prompt's last word. Where the source has
+    # more tokens, the target's last padding columns reuse the source's last column instead of
+    # being left with no attention at all.
     s_end, t_end = src.n_tokens - 1, tgt.n_tokens - 1
-    for i in range(k - max(s_end, t_end)):
-        m[s_end + i, t_end + i] = 1.0
+    for t in range(t_end, k):
+        m[min(s_end + t - t_end, k - 1), t] = 1.0
     return m
 
 

@@ -1,0 +1,671 @@
+"""The editing engine on tiny random-weight pipelines of both kinds (SD 1.x eps-prediction and
+SD 2.x v-prediction): inversions and their reconstructions, Prompt-to-Prompt invariants, token
+alignment, local blending, inversion artifacts, image loading and the command line."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from PIL import Image
+
+from manip.editing import edit as edit_module
+from manip.editing.attention import controlled_attention
+from manip.editing.edit import edit_generated, edit_inverted
+from manip.editing.images import ImageInputError, load_image
+from manip.editing.inversion import (METHODS, Inversion, InversionMismatch, ddim_scheduler, encode_image, invert,
+                                     model_id)
+from manip.editing.p2p import LocalBlend, P2PConfig
+from manip.editing.tokens import AlignmentError, equalizer, refine_mapper, replace_mapper, word_spans
+from manip.models.tokenizer import TINY_MAX_LENGTH, build_clip_tokenizer
+from manip.sampling import PromptError, decode, denoise, encode_prompts, generate
+from manip.training.images import psnr
+from manip.world.vocab import BASE_OBJECTS
+from tiny_pipeline import PREDICTION_TYPES, saved_tiny_pipeline, tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, INNER, GUIDANCE = 5, 10, 7.5
+SOURCE = "a red cat on the left, on the beach at sunset"
+TARGET = "a red dog on the left, on the beach at sunset"
+TARGET2 = "a blue dog on the left, on the beach at sunset"
+
+
+def make_image(size: int = 32) -> np.ndarray:
+    """A smooth gradient with a red square: something a VAE can represent."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    img = np.stack([xx * 256 // size, yy * 256 // size, (xx + yy) * 128 // size], -1).clip(0, 255).astype(np.uint8)
+    img[size // 4 : size * 5 // 8, size // 3 : size * 2 // 3] = (200, 40, 40)
+    return img
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_clip_tokenizer(max_length=TINY_MAX_LENGTH)
+
+
+@pytest.fixture(scope="module", params=PREDICTION_TYPES)
+def pipe(request):
+    return tiny_pipeline(request.param, smooth=True)
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return make_image()
+
+
+@pytest.fixture(scope="module")
+def inversions(pipe, image) -> dict[str, Inversion]:
+    """Every method once per pipeline; tests below only read them."""
+    return {m: invert(pipe, image, SOURCE, m, steps=STEPS, guidance_scale=GUIDANCE, inner_steps=INNER)
+            for m in METHODS}
+
+
+class LatentCapture:
+    """Records the latents `edit_inverted` / `edit_generated` decode."""
+
+    def __init__(self, monkeypatch):
+        self.latents: list[torch.Tensor] = []
+        real = edit_module.decode
+
+        def capture(pipe, latents):
+            self.latents.append(latents.clone())
+            return real(pipe, latents)
+
+        monkeypatch.setattr(edit_module, "decode", capture)
+
+
+def plain_reconstruction(pipe, inv: Inversion) -> np.ndarray:
+    """Sampling from the inversion with the pipeline's own attention processors, no controller."""
+    cond = encode_prompts(pipe, [inv.prompt])
+    latents = denoise(pipe, inv.x_T.clone(), cond, [u[None] for u in inv.uncond], inv.steps, inv.guidance_scale,
+                      scale_initial=False, scheduler=ddim_scheduler(pipe))
+    return decode(pipe, latents)[0]
+
+
+# ---------------------------------------------------------------- inversions
+
+
+def test_inversion_artifact_shapes(pipe, inversions, image):
+    for m, inv in inversions.items():
+        assert inv.method == m and inv.prompt == SOURCE and inv.steps == STEPS and inv.size == 32
+        assert inv.trajectory.shape == (STEPS + 1, 4, 16, 16)
+        assert inv.uncond.shape == (STEPS, TINY_MAX_LENGTH, 32)
+        assert inv.model == model_id(pipe)
+        assert torch.equal(inv.trajectory[0:1], encode_image(pipe, image))  # [0] is the clean latent
+    # DDIM, negative-prompt and direct share the plain DDIM trajectory; null-text starts from it too.
+    for m in ("negative-prompt", "direct", "null-text"):
+        assert torch.equal(inversions[m].trajectory, inversions["ddim"].trajectory)
+    # Null-text actually optimised its per-step embeddings; negative-prompt uses the source prompt.
+    assert not torch.equal(inversions["null-text"].uncond, inversions["ddim"].uncond)
+    null = inversions["null-text"].uncond  # one embedding per step, each optimised further
+    assert all(not torch.equal(null[i], null[i + 1]) for i in range(STEPS - 1))
+    assert not torch.equal(inversions["negative-prompt"].uncond, inversions["ddim"].uncond)
+
+
+def test_reconstruction_quality(pipe, inversions, image, monkeypatch):
+    """target == source: image 0 and 1 both reconstruct. Null-text must beat plain DDIM at
+    guidance 7.5 (that is what it is for), negative-prompt (no guidance drift) must be close,
+    direct inversion is exact by construction.
+
+    Measured on these tiny models (PSNR vs the VAE reconstruction of the input, weight seeds
+    0-2): eps ddim 20.6-25.6 dB, null-text +1.2 to +1.9 dB over it, negative-prompt 34-38;
+    v-pred ddim 32-37, null-text +1.5 to +1.9, negative-prompt 36-42. Latent MSE of null-text
+    is 0.61-0.92x that of DDIM. Thresholds leave a margin below those. (Null-text gains less
+    here than on a trained SD: with 5 steps x 10 Adam steps at lr 1e-2 the embedding can only
+    move about 0.1 per step, and the random model needs more to cancel the guidance.)"""
+    capture = LatentCapture(monkeypatch)
+    vae_rec = decode(pipe, inversions["ddim"].trajectory[0:1])[0]
+    z0 = inversions["ddim"].trajectory[0:1]
+    quality, latent_mse = {}, {}
+    for m, inv in inversions.items():
+        out = edit_inverted(pipe, inv, [SOURCE])
+        quality[m] = float(psnr(out[:1], vae_rec[None])[0])
+        latent_mse[m] = float(((capture.latents[-1][:1] - z0) ** 2).mean())
+    print(pipe.scheduler.config.prediction_type, {m: round(q, 2) for m, q in quality.items()},
+          {m: round(v, 5) for m, v in latent_mse.items()})
+    assert latent_mse["direct"] == 0.0 and quality["direct"] > 100
+    assert quality["negative-prompt"] > 30
+    assert quality["ddim"] > 18  # guidance drift, but the inversion is not garbage
+    assert quality["null-text"] > quality["ddim"] + 0.75
+    assert latent_mse["null-text"] < 0.95 * latent_mse["ddim"]
+    assert latent_mse["negative-prompt"] < latent_mse["null-text"]
+    # Unguided DDIM inversion retraces itself: the drift above is the guidance's doing.
+    unguided = invert(pipe, image, SOURCE, "ddim", steps=STEPS, guidance_scale=1.0)
+    assert float(psnr(edit_inverted(pipe, unguided, [SOURCE])[:1], vae_rec[None])[0]) > 30
+
+
+@pytest.mark.parametrize("method", ["ddim", "null-text", "negative-prompt"])
+def test_identical_prompts_edit_inverted_is_the_reconstruction(pipe, inversions, method, monkeypatch):
+    """With target == source every P2P edit kind leaves the target branch exactly (bit for bit)
+    on the source branch, and that is the unedited reconstruction sampled with the pipeline's
+    own attention processors, up to float rounding: the controller computes attention as
+    softmax(QK^T)V explicitly, the default processor with a fused kernel (max 1 grey level).
+
+    Direct inversion is excluded: it pins only the source branch (batch item 0) to the inversion
+    trajectory after each step, while the target branches run free from x_T, so even for an
+    identical prompt the target differs from the pinned source by the DDIM drift."""
+    capture = LatentCapture(monkeypatch)
+    inv = inversions[method]
+    plain = plain_reconstruction(pipe, inv)
+    configs = [P2PConfig(), P2PConfig(edit="refine"), P2PConfig(edit="reweight", reweight={"cat": 1.0}),
+               P2PConfig(blend_words=(["cat"], ["cat"]))]
+    for config in configs:
+        out = edit_inverted(pipe, inv, [SOURCE], config)
+        assert np.array_equal(out[1], out[0]), config
+        assert max_diff(out[0], plain) <= 1, config
+        assert torch.equal(capture.latents[-1][1], capture.latents[-1][0])
+
+
+def test_direct_inversion_target_branch_runs_free(pipe, inversions):
+    out = edit_inverted(pipe, inversions["direct"], [SOURCE])
+    assert np.array_equal(out[0], decode(pipe, inversions["direct"].trajectory[0:1])[0])
+    assert not np.array_equal(out[1], out[0])
+
+
+def test_identical_prompts_edit_generated_is_the_plain_sample(pipe):
+    ref = generate(pipe, [SOURCE], [torch.Generator().manual_seed(3)], steps=STEPS, guidance_scale=GUIDANCE)
+    for config in (P2PConfig(), P2PConfig(edit="refine"), P2PConfig(blend_words=(["cat"], ["cat"]))):
+        out = edit_generated(pipe, [SOURCE, SOURCE], torch.Generator().manual_seed(3), config, steps=STEPS,
+                             guidance_scale=GUIDANCE)
+        assert out.shape == (2, 32, 32, 3) and out.dtype == np.uint8
+        assert np.array_equal(out[1], out[0])
+        assert max_diff(out[0], ref[0]) <= 1  # batch of 2 vs batch of 1: float rounding only
+
+
+def test_edit_changes_the_target_and_keeps_the_source(pipe, inversions):
+    for m in ("ddim", "null-text"):
+        plain = edit_inverted(pipe, inversions[m], [SOURCE])
+        out = edit_inverted(pipe, inversions[m], [TARGET, SOURCE.replace("red", "blue")])
+        assert out.shape == (3, 32, 32, 3)
+        assert np.array_equal(out[0], plain[0])  # the source branch is never edited
+        assert not np.array_equal(out[1], out[0]) and not np.array_equal(out[2], out[1])
+
+
+def test_attention_processors_restored_and_sampling_unchanged(pipe, inversions):
+    before = dict(pipe.unet.attn_processors)
+    sample_before = generate(pipe, [SOURCE], [torch.Generator().manual_seed(5)], steps=STEPS)
+    edit_generated(pipe, [SOURCE, TARGET], torch.Generator().manual_seed(5), steps=STEPS,
+                   config=P2PConfig(reweight={"dog": 2.0}, blend_words=(["cat"], ["dog"])))
+    edit_inverted(pipe, inversions["null-text"], [TARGET], P2PConfig(edit="refine"))
+    after = dict(pipe.unet.attn_processors)
+    assert list(after) == list(before)
+    assert all(type(after[k]) is type(before[k]) and after[k] is before[k] for k in before)
+    sample_after = generate(pipe, [SOURCE], [torch.Generator().manual_seed(5)], steps=STEPS)
+    assert np.array_equal(sample_after, sample_before)
+
+    # Restored even when the hook raises half-way through a forward pass.
+    def boom(probs, call):
+        raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        with controlled_attention(pipe.unet, boom):
+            pipe.unet(torch.zeros(1, 4, 16, 16), 10, encoder_hidden_states=torch.zeros(1, TINY_MAX_LENGTH, 32))
+    assert all(pipe.unet.attn_processors[k] is before[k] for k in before)
+
+
+def test_cross_and_self_replace_fractions_matter(pipe, inversions):
+    inv = inversions["ddim"]
+    outs = [edit_inverted(pipe, inv, [TARGET], P2PConfig(cross_replace=c, self_replace=s))[1]
+            for c, s in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0))]
+    for i in range(len(outs)):
+        for j in range(i + 1, len(outs)):
+            assert not np.array_equal(outs[i], outs[j]), (i, j)
+    with pytest.raises(ValueError, match="cross_replace"):
+        P2PConfig(cross_replace=1.5)
+    with pytest.raises(ValueError, match="reweight"):
+        P2PConfig(edit="reweight")
+
+
+# ---------------------------------------------------------------- local blend
+
+
+def test_local_blend_keeps_outside_of_mask_on_source(pipe, inversions, monkeypatch):
+    records: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_end = LocalBlend.end_step
+
+    def end_step(self, step, latents):
+        out = real_end(self, step, latents)
+        records.append((self.masks(latents.shape[-1]), out.clone()))
+        return out
+
+    monkeypatch.setattr(LocalBlend, "end_step", end_step)
+    capture = LatentCapture(monkeypatch)
+    # A random model's attention is nearly uniform: only a high threshold leaves part of the
+    # latent outside the mask (at 0.95 about 20-60% of it is inside, at 0.8 all of it).
+    config = P2PConfig(blend_words=(["cat"], ["dog"]), blend_threshold=0.95)
+    out = edit_inverted(pipe, inversions["null-text"], [TARGET, TARGET], config)
+    assert len(records) == STEPS
+    final = capture.latents[-1]
+    mask, blended = records[-1]
+    assert torch.equal(blended, final)
+    assert mask.shape == (2, 1, 16, 16) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    inside = mask.bool().expand(-1, 4, -1, -1)
+    assert 0 < inside.float().mean() < 1  # a real region: neither nothing nor everything
+    for j in range(2):
+        outside = ~inside[j]
+        assert torch.equal(final[1 + j][outside], final[0][outside])
+        assert not torch.equal(final[1 + j][~outside], final[0][~outside])
+    assert not np.array_equal(out[1], out[0])
+    # A threshold nothing passes leaves the whole target on the source, decoded pixels included.
+    still = edit_inverted(pipe, inversions["null-text"], [TARGET], P2PConfig(blend_words=(["cat"], ["dog"]),
+                                                                             blend_threshold=1.0))
+    assert np.array_equal(still[1], still[0])
+
+
+def test_local_blend_words_must_be_in_prompts(pipe, inversions):
+    with pytest.raises(AlignmentError, match="'horse'"):
+        edit_inverted(pipe, inversions["ddim"], [TARGET], P2PConfig(blend_words=(["horse"], ["dog"])))
+    with pytest.raises(AlignmentError, match="'cat'.*'a red dog"):
+        edit_inverted(pipe, inversions["ddim"], [TARGET], P2PConfig(blend_words=(["cat"], ["cat"])))
+
+
+# ---------------------------------------------------------------- token alignment
+
+
+def word_pair_with_different_token_counts(tokenizer) -> tuple[str, str, int, int]:
+    counts = {w: len(tokenizer(w, add_special_tokens=False).input_ids) for w in BASE_OBJECTS}
+    single = next(w for w, n in counts.items() if n == 1)
+    multi = next((w for w, n in counts.items() if n > 1), None)
+    assert multi is not None, "no EmojiWorld object splits into several BPE tokens"
+    return single, multi, 1, counts[multi]
+
+
+def attention_for(k: int, seed: int = 0) -> torch.Tensor:
+    """(heads=2, queries=5, k) random softmax maps."""
+    return torch.randn(2, 5, k, generator=torch.Generator().manual_seed(seed)).softmax(-1)
+
+
+def test_replace_mapper_unequal_token_counts(tokenizer):
+    single, multi, _, n_multi = word_pair_with_different_token_counts(tokenizer)
+    k = tokenizer.model_max_length
+    src, tgt = f"a {single} on the beach", f"a {multi} on the beach"
+    s_spans, t_spans = word_spans(tokenizer, src), word_spans(tokenizer, tgt)
+    assert t_spans.n_tokens == s_spans.n_tokens + n_multi - 1
+    m = replace_mapper(tokenizer, src, tgt)
+    assert m.shape == (k, k)
+    (sa, sb), (ta, tb) = s_spans.spans[1], t_spans.spans[1]
+    assert (sb - sa, tb - ta) == (1, n_multi)
+    base = attention_for(k)
+    mapped = torch.einsum("hqs,st->hqt", base, m)
+    for t in range(ta, tb):  # every token of the longer word takes the short word's map
+        assert torch.allclose(mapped[..., t], base[..., sa])
+    for w in (0, 2, 3, 4):  # the other words map one to one, shifted by the length change
+        (a, _), (b, _) = s_spans.spans[w], t_spans.spans[w]
+        assert torch.allclose(mapped[..., b], base[..., a])
+    assert torch.allclose(mapped[..., 0], base[..., 0])  # BOS
+    assert torch.allclose(mapped[..., t_spans.n_tokens - 1], base[..., s_spans.n_tokens - 1])  # EOS
+    assert (m.sum(0) > 0).all()  # every target column receives some source attention
+
+    # The other direction: each target token gets the mean of the long word's tokens, and the
+    # target's trailing padding columns still get attention.
+    back = replace_mapper(tokenizer, tgt, src)
+    mapped = torch.einsum("hqs,st->hqt", attention_for(k, 1), back)
+    assert torch.allclose(mapped[..., sa], attention_for(k, 1)[..., ta:tb].mean(-1))
+    assert (back.sum(0) > 0).all()
+
+
+def test_replace_mapper_identity_for_identical_prompts(tokenizer):
+    assert torch.equal(replace_mapper(tokenizer, SOURCE, SOURCE), torch.eye(tokenizer.model_max_length))
+
+
+def test_replace_alignment_errors_name_words_and_counts(tokenizer):
+    with pytest.raises(AlignmentError) as err:
+        replace_mapper(tokenizer, "a cat on the beach", "a cat on the sunny beach")
+    msg = str(err.value)
+    assert "5 in 'a cat on the beach'" in msg and "6 in 'a cat on the sunny beach'" in msg and "refine" in msg
+    long = " ".join(["cat"] * 40)
+    with pytest.raises(AlignmentError, match=rf"{len(tokenizer(long).input_ids)} tokens.*limit of {TINY_MAX_LENGTH}"):
+        replace_mapper(tokenizer, long, long)
+
+
+def test_refine_mapper_alpha(tokenizer):
+    src, tgt = "a cat on the beach", "a cat on the sunny beach"
+    index, alpha = refine_mapper(tokenizer, src, tgt)
+    s, t = word_spans(tokenizer, src), word_spans(tokenizer, tgt)
+    sunny = t.tokens_of("sunny")
+    assert alpha[sunny].eq(0).all()  # the new word keeps its own attention
+    shared = [i for i in range(t.n_tokens) if i not in sunny]
+    assert alpha[shared].eq(1).all()
+    for word in ("a", "cat", "on", "the", "beach"):
+        assert index[t.tokens_of(word)].tolist() == s.tokens_of(word)
+    assert index[t.n_tokens - 1] == s.n_tokens - 1  # EOS onto EOS
+    assert alpha[t.n_tokens - 1 :].eq(1).all()
+    # Identical prompts: the identity with every alpha set.
+    index, alpha = refine_mapper(tokenizer, SOURCE, SOURCE)
+    assert torch.equal(index, torch.arange(TINY_MAX_LENGTH)) and alpha.eq(1).all()
+
+
+def test_equalizer(tokenizer):
+    single, multi, _, n_multi = word_pair_with_different_token_counts(tokenizer)
+    prompt = f"a {multi} next to a {single}"
+    eq = equalizer(tokenizer, prompt, {multi: 2.5, single: 0.0})
+    spans = word_spans(tokenizer, prompt)
+    assert eq.shape == (TINY_MAX_LENGTH,)
+    assert eq[spans.tokens_of(multi)].tolist() == [2.5] * n_multi
+    assert eq[spans.tokens_of(single)].tolist() == [0.0]
+    rest = [i for i in range(TINY_MAX_LENGTH) if i not in spans.tokens_of(multi) + spans.tokens_of(single)]
+    assert eq[rest].eq(1).all()
+    # Punctuation attached to a word does not hide it.
+    assert equalizer(tokenizer, "a cat, on the beach", {"cat": 3.0})[2] == 3.0
+
+
+def test_reweight_word_not_in_prompt_is_named(pipe, tokenizer):
+    with pytest.raises(AlignmentError, match="'zebra'.*'a red dog on the left"):
+        equalizer(tokenizer, TARGET, {"zebra": 2.0})
+    with pytest.raises(AlignmentError, match="'zebra'"):
+        edit_generated(pipe, [SOURCE, TARGET], torch.Generator().manual_seed(0), steps=1,
+                       config=P2PConfig(edit="reweight", reweight={"zebra": 2.0}))
+
+
+def test_reweight_changes_the_edit(pipe):
+    plain = edit_generated(pipe, [SOURCE, SOURCE], torch.Generator().manual_seed(2), steps=STEPS,
+                           config=P2PConfig(edit="reweight", reweight={"cat": 1.0}))
+    heavy = edit_generated(pipe, [SOURCE, SOURCE], torch.Generator().manual_seed(2), steps=STEPS,
+                           config=P2PConfig(edit="reweight", reweight={"cat": 5.0}))
+    assert np.array_equal(plain[1], plain[0])
+    assert np.array_equal(heavy[0], plain[0]) and not np.array_equal(heavy[1], plain[1])
+
+
+def test_prompt_errors_in_edits(pipe, inversions):
+    long = " ".join(["cat"] * 40)
+    with pytest.raises((AlignmentError, PromptError), match="tokens"):
+        edit_inverted(pipe, inversions["ddim"], [long])
+    with pytest.raises(AlignmentError, match="same number of words"):
+        edit_inverted(pipe, inversions["ddim"], ["a dog"])
+    with pytest.raises(ValueError, match="at least one target"):
+        edit_generated(pipe, [SOURCE], torch.Generator().manual_seed(0), steps=1)
+
+
+# ---------------------------------------------------------------- inversion artifacts
+
+
+def test_inversion_save_load_round_trip(pipe, inversions, tmp_path):
+    inv = dataclasses.replace(inversions["null-text"], notes=["converted from mode RGBA to RGB"])
+    inv.save(tmp_path / "inv")
+    assert sorted(p.name for p in (tmp_path / "inv").iterdir()) == ["inversion.json", "inversion.safetensors"]
+    meta = json.loads((tmp_path / "inv" / "inversion.json").read_text())
+    assert meta["method"] == "null-text" and meta["model"] == model_id(pipe) and meta["size"] == 32
+    loaded = Inversion.load(tmp_path / "inv", pipe)
+    for field in ("method", "prompt", "steps", "guidance_scale", "model", "size", "seconds", "notes"):
+        assert getattr(loaded, field) == getattr(inv, field), field
+    assert torch.equal(loaded.trajectory, inv.trajectory) and torch.equal(loaded.uncond, inv.uncond)
+    assert np.array_equal(edit_inverted(pipe, loaded, [TARGET]), edit_inverted(pipe, inv, [TARGET]))
+    inv.save(tmp_path / "inv")  # overwriting an artifact is atomic and leaves no staging folders
+    assert [p.name for p in tmp_path.iterdir()] == ["inv"]
+
+
+def test_inversion_refused_by_another_model_or_size(pipe, inversions, tmp_path):
+    inv = inversions["ddim"]
+    inv.save(tmp_path / "inv")
+    other = tiny_pipeline(pipe.scheduler.config.prediction_type, seed=1, smooth=True)
+    with pytest.raises(InversionMismatch, match=f"made with model {inv.model}"):
+        Inversion.load(tmp_path / "inv", other)
+    with pytest.raises(InversionMismatch):
+        edit_inverted(other, inv, [TARGET])
+    with pytest.raises(InversionMismatch, match="32x32 images, asked for 64x64"):
+        inv.check(pipe, size=64)
+    inv.check(pipe, size=32)
+    # The same weights saved and reloaded from another folder are the same model.
+    saved = saved_tiny_pipeline(tmp_path / "model", pipe.scheduler.config.prediction_type, seed=0, smooth=True)
+    from diffusers import StableDiffusionPipeline
+
+    reloaded = StableDiffusionPipeline.from_pretrained(saved, safety_checker=None, requires_safety_checker=False)
+    assert model_id(reloaded) == model_id(pipe)
+    Inversion.load(tmp_path / "inv", reloaded)
+
+
+def test_inversion_load_errors(tmp_path, pipe, inversions):
+    with pytest.raises(FileNotFoundError, match="no inversion artifact"):
+        Inversion.load(tmp_path / "missing")
+    inversions["ddim"].save(tmp_path / "inv")
+    (tmp_path / "inv" / "inversion.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable inversion artifact"):
+        Inversion.load(tmp_path / "inv")
+    with pytest.raises(ValueError, match="unknown inversion method 'edict'"):
+        invert(pipe, make_image(), SOURCE, "edict", steps=1)
+    for steps in (0, -3, 1001):
+        with pytest.raises(ValueError, match=rf"steps must be between 1 and 1000, got {steps}"):
+            invert(pipe, make_image(), SOURCE, "ddim", steps=steps)
+
+
+def test_null_text_with_more_than_100_steps():
+    """The reference learning-rate decay 1 - i/100 turns negative after step 100, which Adam
+    refuses; the schedule stretches instead (inner_steps=0 keeps this cheap: the optimiser is
+    still built at every step). A schedule matter, so one prediction type is enough."""
+    inv = invert(tiny_pipeline("epsilon", smooth=True), make_image(), SOURCE, "null-text", steps=102, inner_steps=0)
+    assert inv.uncond.shape[0] == 102 and inv.trajectory.shape[0] == 103
+
+
+# ---------------------------------------------------------------- image loading
+
+
+def rgb_array(w: int = 32, h: int = 32) -> np.ndarray:
+    return make_image(max(w, h))[:h, :w]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "CMYK", "1", "I;16"])
+def test_load_image_modes(tmp_path, mode):
+    base = Image.fromarray(rgb_array())
+    if mode == "I;16":
+        im = Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257)  # uint16 -> mode I;16
+    else:
+        im = base.convert(mode)
+    path = tmp_path / f"in.{'jpg' if mode == 'CMYK' else 'png'}"
+    if mode == "CMYK":
+        im.save(path, quality=95)
+    else:
+        im.save(path)
+    assert Image.open(path).mode == ("I;16" if mode == "I;16" else mode)
+    arr, notes = load_image(path, 32)
+    assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8
+    assert notes == [f"converted from mode {mode} to RGB"]
+    if mode in ("L", "LA", "I;16"):  # grey levels survive, 16-bit scaled to 8
+        assert max_diff(arr[..., 0], np.asarray(base.convert("L"))) <= 1
+    if mode == "CMYK":
+        assert max_diff(arr, rgb_array()) < 40  # JPEG, so approximately
+
+
+def test_load_image_transparency_composited_on_white(tmp_path):
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:16, :, 3] = 255  # top half opaque red, bottom half fully transparent
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    arr, _ = load_image(tmp_path / "a.png", 32)
+    assert (arr[:16] == (255, 0, 0)).all() and (arr[16:] == 255).all()
+    # Palette images with and without a transparent index.
+    pal = Image.fromarray(rgba[..., :3]).convert("P")
+    pal.save(tmp_path / "p.png")
+    assert (load_image(tmp_path / "p.png", 32)[0] == (255, 0, 0)).all()
+    p = Image.new("P", (32, 32), 0)
+    p.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    p.paste(1, (0, 16, 32, 32))
+    p.save(tmp_path / "pt.png", transparency=1)
+    assert Image.open(tmp_path / "pt.png").info.get("transparency") == 1
+    arr, notes = load_image(tmp_path / "pt.png", 32)
+    assert (arr[:16] == (255, 0, 0)).all() and (arr[16:] == 255).all()
+    assert notes == ["converted from mode P to RGB"]
+
+
+def test_load_image_wrong_size_resized_with_note(tmp_path):
+    Image.fromarray(rgb_array(48, 40)).save(tmp_path / "wide.png")
+    arr, notes = load_image(tmp_path / "wide.png", 32)
+    assert arr.shape == (32, 32, 3)
+    assert notes == ["resized from 48x40 to 32x32 (centre crop to square first)"]
+    arr, notes = load_image(rgb_array(), 32)  # arrays and PIL images are accepted too
+    assert notes == [] and np.array_equal(arr, rgb_array())
+    assert load_image(Image.fromarray(rgb_array()).convert("L"), 32)[1] == ["converted from mode L to RGB"]
+
+
+def test_load_image_bad_files(tmp_path):
+    with pytest.raises(ImageInputError, match="no image file at"):
+        load_image(tmp_path / "missing.png", 32)
+    with pytest.raises(ImageInputError, match="no image file at"):
+        load_image(tmp_path, 32)  # a directory
+    (tmp_path / "junk.png").write_bytes(b"this is not an image at all")
+    with pytest.raises(ImageInputError, match="not an image file Pillow can read"):
+        load_image(tmp_path / "junk.png", 32)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageInputError, match="corrupt or truncated"):
+        load_image(tmp_path / "truncated.png", 32)
+    with pytest.raises(ImageInputError, match="uint8"):
+        load_image(np.zeros((32, 32, 3), np.float32), 32)
+    with pytest.raises(ImageInputError, match="cannot read"):
+        load_image(np.zeros((32, 32, 7), np.uint8), 32)
+
+
+def test_load_image_decompression_bomb(tmp_path, monkeypatch):
+    Image.new("RGB", (100, 100), (1, 2, 3)).save(tmp_path / "big.png")
+    # Over twice Pillow's limit: Pillow raises. Between the limit and twice it only warns, in
+    # `Image.open`, and load_image must still refuse.
+    for limit in (4_000, 6_000):
+        monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", limit)
+        with pytest.raises(ImageInputError, match="decompression bomb"):
+            load_image(tmp_path / "big.png", 32)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 20_000)
+    assert load_image(tmp_path / "big.png", 32)[0].shape == (32, 32, 3)
+    # Our own, lower limit applies before any decoding.
+    monkeypatch.setattr("manip.editing.images.MAX_PIXELS", 9_999)
+    with pytest.raises(ImageInputError, match=r"100x100 pixels, over the limit of 9,999.*decompression bomb"):
+        load_image(tmp_path / "big.png", 32)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MANIP_THREADS="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "manip.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600, stdin=subprocess.DEVNULL)
+
+
+def cli_in_process(*args: str, cwd: Path, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """`manip.cli.main` in this process: the same code path as `python -m manip.cli` (its
+    `__main__` only calls `sys.exit(main())`) without paying a torch import per case on a
+    machine whose cores are busy training. Subprocesses cover the real entry point below."""
+    from manip import cli as cli_module
+
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.chdir(cwd)
+        rc = cli_module.main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["manip", *args], rc, out.out, out.err)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for f in fragments:
+        assert f in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory) -> Path:
+    return saved_tiny_pipeline(tmp_path_factory.mktemp("cli") / "model", "epsilon", smooth=True)
+
+
+def test_cli_invert_then_edit_from_inversion(cli_model, tmp_path):
+    rgba = np.concatenate([rgb_array(40, 48), np.full((48, 40, 1), 255, np.uint8)], -1)
+    Image.fromarray(rgba).save(tmp_path / "in.png")
+    proc = cli("invert", "--model", str(cli_model), "--image", "in.png", "--source", SOURCE, "--inversion",
+               "null-text", "--steps", "3", "--inner-steps", "2", "--out", "inv", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["artifact"] == "inv"
+    assert result["notes"] == ["converted from mode RGBA to RGB",
+                               "resized from 40x48 to 32x32 (centre crop to square first)"]
+    meta = json.loads((tmp_path / "inv" / "inversion.json").read_text())
+    assert meta["method"] == "null-text" and meta["steps"] == 3 and meta["notes"] == result["notes"]
+
+    proc = cli("edit", "--model", str(cli_model), "--image", "in.png", "--source", SOURCE, "--target", TARGET,
+               "--target", TARGET2, "--from-inversion", "inv", "--blend-source", "cat",
+               "--blend-target", "dog", "--reweight", "dog=1.5", "--out", "out/edit.png", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["outputs"] == ["out/edit_1.png", "out/edit_2.png"]
+    assert result["inversion_seconds"] == meta["seconds"]  # reused, not recomputed
+    for p in result["outputs"]:
+        assert Image.open(tmp_path / p).size == (32, 32)
+    # The library on the same artifact gives the same pixels.
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(cli_model, safety_checker=None, requires_safety_checker=False)
+    lib = edit_inverted(pipe, Inversion.load(tmp_path / "inv", pipe), [TARGET, TARGET2],
+                        P2PConfig(reweight={"dog": 1.5}, blend_words=(["cat"], ["dog"])))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out/edit_1.png")), lib[1])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out/edit_2.png")), lib[2])
+
+
+def test_cli_bad_inputs_exit_2_with_one_error_line(cli_model, tmp_path, monkeypatch, capsys):
+    Image.fromarray(rgb_array()).save(tmp_path / "ok.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    base = ["--model", str(cli_model), "--inversion", "ddim", "--steps", "2"]
+    # Through the real entry point: a corrupt image and a missing model folder.
+    assert_clean_error(cli("edit", *base, "--image", "corrupt.png", "--source", SOURCE, "--target", TARGET,
+                           "--out", "o.png", cwd=tmp_path), "corrupt.png")
+    assert_clean_error(cli("edit", "--model", str(tmp_path / "nope"), "--image", "ok.png", "--source", SOURCE,
+                           "--target", TARGET, "--out", "o.png", cwd=tmp_path), "nope", "model_index.json")
+
+    def run(*args):
+        return cli_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+
+    assert_clean_error(run("edit", *base, "--image", "ok.png", "--source", "", "--target", TARGET, "--out", "o.png"),
+                       "empty")
+    assert_clean_error(run("edit", *base, "--image", "ok.png", "--source", "   ", "--target", TARGET,
+                           "--out", "o.png"), "empty")
+    long = " ".join(["cat"] * 40)
+    assert_clean_error(run("invert", *base, "--image", "ok.png", "--source", long, "--out", "inv"),
+                       "42 tokens", str(TINY_MAX_LENGTH))
+    assert_clean_error(run("edit", *base, "--image", "ok.png", "--source", SOURCE, "--target", long,
+                           "--out", "o.png"), "42 tokens")
+    assert_clean_error(run("edit", *base, "--image", "ok.png", "--source", "a cat on the beach", "--target",
+                           "a cat on the sunny beach", "--out", "o.png"),
+                       "5 in 'a cat on the beach'", "6 in 'a cat on the sunny beach'")
+    assert_clean_error(run("edit", *base, "--image", "ok.png", "--source", SOURCE, "--target", TARGET,
+                           "--edit", "reweight", "--reweight", "zebra=2", "--out", "o.png"), "'zebra'")
+    assert_clean_error(run("edit", *base, "--image", "ok.png", "--source", SOURCE, "--target", TARGET,
+                           "--reweight", "dog", "--out", "o.png"), "WORD=SCALE")
+    assert_clean_error(run("edit", *base, "--image", "ok.png", "--source", SOURCE, "--target", TARGET,
+                           "--blend-source", "horse", "--out", "o.png"), "'horse'")
+    assert_clean_error(run("edit", *base, "--image", "missing.png", "--source", SOURCE, "--target", TARGET,
+                           "--out", "o.png"), "no image file")
+    assert_clean_error(run("edit", *base, "--image", "ok.png", "--source", SOURCE, "--target", TARGET,
+                           "--cross-replace", "1.5", "--out", "o.png"), "cross_replace")
+    assert_clean_error(run("invert", "--model", str(cli_model), "--image", "ok.png", "--source", SOURCE,
+                           "--steps", "0", "--out", "inv"), "steps must be between 1 and 1000, got 0")
+    assert not (tmp_path / "o.png").exists() and not (tmp_path / "inv").exists()
+
+
+def test_cli_refuses_inversion_of_another_model(cli_model, tmp_path, monkeypatch, capsys):
+    Image.fromarray(rgb_array()).save(tmp_path / "ok.png")
+    other = saved_tiny_pipeline(tmp_path / "other", "epsilon", seed=1, smooth=True)
+
+    def run(*args):
+        return cli_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+
+    proc = run("invert", "--model", str(cli_model), "--image", "ok.png", "--source", SOURCE, "--inversion", "ddim",
+               "--steps", "2", "--out", "inv")
+    assert proc.returncode == 0, proc.stderr
+    assert_clean_error(run("edit", "--model", str(other), "--image", "ok.png", "--source", SOURCE, "--target",
+                           TARGET, "--from-inversion", "inv", "--out", "o.png"), "inversion was made with")
+    assert_clean_error(run("edit", "--model", str(cli_model), "--image", "ok.png", "--source", SOURCE, "--target",
+                           TARGET, "--from-inversion", "nowhere", "--out", "o.png"), "no inversion artifact")
+    (tmp_path / "inv" / "inversion.safetensors").write_bytes(b"garbage")
+    assert_clean_error(run("edit", "--model", str(cli_model), "--image", "ok.png", "--source", SOURCE, "--target",
+                           TARGET, "--from-inversion", "inv", "--out", "o.png"), "not a readable")
