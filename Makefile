@@ -12,6 +12,8 @@ export HF_HUB_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
+# dvc.yaml's `python -m stages.<name>` must find the project's interpreter.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install artwork run test clean-checkpoints
 
