@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     from manip.editing.images import load_image
     from manip.editing.inversion import encode_image
     from manip.sampling import decode
-    from manip.training.checkpoint import atomic_write_text
+    from manip.training.checkpoint import atomic_write
     from manip.world.dataset import load_split
     from stages.common import set_threads
 
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": [{"case_id": c.case_id, "source": c.source_caption, "target": c.target_caption} for c in cases],
         "tasks": results,
     }
-    atomic_write_text(Path(args.out), json.dumps(result, indent=1))
+    atomic_write(Path(args.out), json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0
 

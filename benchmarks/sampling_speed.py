@@ -20,7 +20,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from manip.sampling import generate
-from manip.training.checkpoint import atomic_write_text
+from manip.training.checkpoint import atomic_write
 from manip.world.dataset import load_split
 
 OUT = Path("benchmarks/results/sampling_speed.json")
@@ -63,7 +63,7 @@ def main() -> None:
         "speedup_vs_diffusers": round(med["diffusers"] / med["manip"], 3),
         "max_pixel_difference": same,
     }
-    atomic_write_text(OUT, json.dumps(result, indent=1))
+    atomic_write(OUT, json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 

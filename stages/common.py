@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from manip.training.checkpoint import atomic_write_text, replace_dir, staging_dir
+from manip.training.checkpoint import atomic_write, replace_dir, staging_dir
 from manip.training.loop import LoopConfig
 
 from pydantic import BaseModel
@@ -40,7 +40,7 @@ def write_history(path: Path, history: list[dict[str, float]]) -> None:
     w.writeheader()
     for row in history:
         w.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def fingerprint(section: BaseModel, seed: int) -> dict:
@@ -68,7 +68,7 @@ def save_pretrained(final: Path, *components) -> None:
 
 def publish(metrics: dict, metrics_path: Path, histories: dict[Path, list[dict[str, float]]]) -> dict:
     """Write a stage's DVC metrics and loss curves, and print the metrics."""
-    atomic_write_text(metrics_path, json.dumps(metrics, indent=1))
+    atomic_write(metrics_path, json.dumps(metrics, indent=1))
     for path, history in histories.items():
         write_history(path, history)
     print(json.dumps(metrics))

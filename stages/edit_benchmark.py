@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from manip.editing.benchmark import (KINDS, BenchmarkSettings, EditBenchmark, aggregate, build_cases, cases_csv,
                                      edit_grid)
-from manip.training.checkpoint import atomic_write_text
+from manip.training.checkpoint import atomic_write
 
 from ._runner import main
 from .common import require, set_threads
@@ -130,14 +130,14 @@ def run(params: Params, bench: EditBenchmarkParams, progress: bool = True) -> di
         "grid_columns": ["input", "ground truth", *methods],
         "inversions": aggregate(records, methods),
     }
-    atomic_write_text(CASES_CSV, cases_csv(records))
+    atomic_write(CASES_CSV, cases_csv(records))
     grid = edit_grid(runner, cases, methods)
     if grid is not None:
         GRID.parent.mkdir(parents=True, exist_ok=True)
         tmp = GRID.with_suffix(".tmp.png")
         grid.save(tmp)
         tmp.replace(GRID)
-    atomic_write_text(METRICS, json.dumps(metrics, indent=1))
+    atomic_write(METRICS, json.dumps(metrics, indent=1))
     print(json.dumps({m: v["overall"] for m, v in metrics["inversions"].items()}, indent=1))
     if not summary.complete:
         print(f"{summary.remaining} (method, case) shards left: run the stage again to continue")

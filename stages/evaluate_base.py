@@ -21,7 +21,7 @@ from manip.metrics.clip_scores import ClipScorer
 from manip.metrics.judge import AttributeJudge, attribute_hits, predict
 from manip.metrics.kid import kid
 from manip.sampling import generate
-from manip.training.checkpoint import atomic_write_text
+from manip.training.checkpoint import atomic_write
 from manip.training.images import psnr
 from manip.training.vae import reconstruct
 from manip.world.dataset import load_split
@@ -98,8 +98,8 @@ def run(params: Params) -> dict:
     side = real.shape[1]
     grid(rows).resize((side * (k + 2) * 3, side * len(rows) * 3), Image.NEAREST).save(tmp)
     tmp.replace(GRID)
-    atomic_write_text(Path("plots/base_grid_captions.txt"), "\n".join(captions[: len(rows)]) + "\n")
-    atomic_write_text(METRICS, json.dumps(metrics, indent=1))
+    atomic_write(Path("plots/base_grid_captions.txt"), "\n".join(captions[: len(rows)]) + "\n")
+    atomic_write(METRICS, json.dumps(metrics, indent=1))
     print(json.dumps(metrics, indent=1))
     return metrics
 

@@ -21,8 +21,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from tqdm.auto import tqdm
 
 from manip.metrics.image_quality import mse, psnr, ssim
 from manip.metrics.judge import attribute_hits, predict
+from manip.training.checkpoint import atomic_write
 from manip.world.captions import caption
 from manip.world.edits import Edit, EditNotApplicable, apply_edit, render_edit
 from manip.world.scene import Scene
@@ -184,15 +183,6 @@ def fingerprint(case: EditCase, method: str, settings: BenchmarkSettings, models
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def shard_paths(work_dir: Path, method: str, case_id: str) -> tuple[Path, Path]:
     d = Path(work_dir) / method
     return d / f"{case_id}.json", d / f"{case_id}.png"
@@ -324,8 +314,8 @@ class EditBenchmark:
         for case, method in tqdm(todo, desc="edit benchmark", dynamic_ncols=True, disable=not progress):
             record, png = self._compute(case, method)
             js, png_path = shard_paths(self.work_dir, method, case.case_id)
-            _atomic_write(png_path, png)  # the JSON goes last: its presence means the shard is whole
-            _atomic_write(js, json.dumps(record, indent=1).encode())
+            atomic_write(png_path, png)  # the JSON goes last: its presence means the shard is whole
+            atomic_write(js, json.dumps(record, indent=1).encode())
         return RunSummary(computed=len(todo), reused=reused, remaining=len(pending) - len(todo))
 
     def records(self, cases: Sequence[EditCase], methods: Sequence[str]) -> list[dict]:

@@ -17,13 +17,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write a file that appears whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
