@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from manip.editing.benchmark import (KINDS, BenchmarkSettings, EditBenchmark, aggregate, build_cases, cases_csv,
@@ -26,7 +25,7 @@ from manip.training.checkpoint import atomic_write
 
 from ._runner import main
 from .common import require, set_threads
-from .params import PARAMS_FILE, Params, ParamsError, Pos, Strict, load_params
+from .params import PARAMS_FILE, Params, ParamsError, Pos, Strict, field_errors, load_params, read_yaml
 
 BASE, CLIP, JUDGE = Path("models/base"), Path("models/clip"), Path("models/judge")
 TEST = Path("data/world/test")
@@ -73,23 +72,17 @@ def load_stage_params(path: str | Path = PARAMS_FILE) -> tuple[Params, EditBench
     if "edit_benchmark" in Params.model_fields:
         params = load_params(path)
         return params, params.edit_benchmark
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path} not found (run from the project root, or set MANIP_PARAMS)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from err
+    raw = read_yaml(path)
     section = raw.pop("edit_benchmark", None) or {}
     errors = []
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:
-        errors += [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        errors += field_errors(err)
     try:
         bench = EditBenchmarkParams.model_validate(section)
     except ValidationError as err:
-        errors += [f"edit_benchmark.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        errors += field_errors(err, "edit_benchmark.")
     if errors:
         raise ParamsError(f"invalid {path}:\n  " + "\n  ".join(errors))
     return params, bench

@@ -95,16 +95,25 @@ class ParamsError(ValueError):
     pass
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
+def read_yaml(path: str | Path) -> dict:
+    """The raw mapping in a params file, or a ParamsError saying why there is none."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found (run from the project root, or set MANIP_PARAMS)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from err
+
+
+def field_errors(err: ValidationError, prefix: str = "") -> list[str]:
+    """One line per invalid field, named by its dotted path."""
+    return [f"{prefix}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    raw = read_yaml(path)
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        raise ParamsError(f"invalid {path}:\n  " + "\n  ".join(lines)) from None
+        raise ParamsError(f"invalid {path}:\n  " + "\n  ".join(field_errors(err))) from None
