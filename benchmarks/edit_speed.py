@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     from manip.sampling import decode
     from manip.training.checkpoint import atomic_write
     from manip.world.dataset import load_split
-    from stages.common import set_threads
+    from manip.runtime import set_threads
 
     set_threads()
     model = Path(args.model)

@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     ed.add_argument("--blend-source", action="append", metavar="WORDS", help="local blend: source words")
     ed.add_argument("--blend-target", action="append", metavar="WORDS", help="local blend: target words")
     ed.add_argument("--blend-threshold", type=float, default=0.3)
+    ed.add_argument("--blend-start", type=float, default=0.2, help="fraction of the steps before blending starts")
     ed.add_argument("--cross-replace", type=float, default=0.8)
     ed.add_argument("--self-replace", type=float, default=0.4)
     ed.add_argument("--from-inversion", help="reuse an artifact written by `manip invert`")
@@ -71,8 +72,11 @@ def run(args: argparse.Namespace) -> dict:
     from manip.editing.edit import edit_inverted
     from manip.editing.images import load_image
     from manip.editing.inversion import Inversion, invert
-    from manip.editing.p2p import P2PConfig
+    from manip.editing.p2p import P2PConfig, PromptToPrompt
+    from manip.runtime import set_threads
     from manip.sampling import check_prompts
+
+    set_threads()
 
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
@@ -85,6 +89,16 @@ def run(args: argparse.Namespace) -> dict:
     if any(not p.strip() for p in prompts):
         raise ValueError("prompts must not be empty")
     check_prompts(pipe.tokenizer, prompts)
+    config = None
+    if args.command == "edit":
+        blend = None
+        if args.blend_source or args.blend_target:
+            blend = (_words(args.blend_source), _words(args.blend_target))
+        config = P2PConfig(edit=args.edit, cross_replace=args.cross_replace, self_replace=args.self_replace,
+                           reweight=_weights(args.reweight), blend_words=blend, blend_threshold=args.blend_threshold,
+                           blend_start=args.blend_start)
+        # Words that do not align fail here, before minutes of inversion, not after.
+        PromptToPrompt(pipe.tokenizer, prompts, args.steps, config, guided=args.guidance != 1.0)
     if args.command == "edit" and args.from_inversion:
         inversion = Inversion.load(args.from_inversion, pipe)
     else:
@@ -94,11 +108,6 @@ def run(args: argparse.Namespace) -> dict:
         inversion.notes = notes
         inversion.save(args.out)
         return {"artifact": args.out, "seconds": inversion.seconds, "notes": notes}
-    blend = None
-    if args.blend_source or args.blend_target:
-        blend = (_words(args.blend_source), _words(args.blend_target))
-    config = P2PConfig(edit=args.edit, cross_replace=args.cross_replace, self_replace=args.self_replace,
-                       reweight=_weights(args.reweight), blend_words=blend, blend_threshold=args.blend_threshold)
     images = edit_inverted(pipe, inversion, args.target, config)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,26 +4,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
-
-import torch
-
-from manip.training.checkpoint import atomic_write, replace_dir, staging_dir
-from manip.training.loop import LoopConfig
 
 from pydantic import BaseModel
 
+from manip.runtime import set_threads
+from manip.training.checkpoint import atomic_write, replace_dir, staging_dir
+from manip.training.loop import LoopConfig
+
 from ._runner import StageInputError
 from .params import LoopParams
-
-
-def set_threads() -> None:
-    """MANIP_THREADS caps intra-op threads, e.g. to run two trainings side by side on two cores
-    without oversubscribing them."""
-    n = int(os.environ.get("MANIP_THREADS", "0") or 0)
-    if n > 0:
-        torch.set_num_threads(n)
 
 
 def loop_config(p: LoopParams) -> LoopConfig:

@@ -18,10 +18,10 @@ from PIL import Image
 
 from manip.editing import edit as edit_module
 from manip.editing.attention import controlled_attention
-from manip.editing.edit import edit_generated, edit_inverted
+from manip.editing.edit import edit_generated, edit_inverted, edit_inverted_batch
 from manip.editing.images import ImageInputError, load_image
 from manip.editing.inversion import (METHODS, Inversion, InversionMismatch, ddim_scheduler, encode_image, invert,
-                                     model_id)
+                                     invert_batch, model_id)
 from manip.editing.p2p import LocalBlend, P2PConfig
 from manip.editing.tokens import AlignmentError, equalizer, refine_mapper, replace_mapper, word_spans
 from manip.models.tokenizer import TINY_MAX_LENGTH, build_clip_tokenizer
@@ -192,6 +192,44 @@ def test_edit_changes_the_target_and_keeps_the_source(pipe, inversions):
         assert not np.array_equal(out[1], out[0]) and not np.array_equal(out[2], out[1])
 
 
+def test_batched_inversion_matches_one_at_a_time(pipe, image):
+    """A batch gives each image what inverting it alone gives (null-text's early stop included)."""
+    other = np.ascontiguousarray(image[::-1])
+    prompts = [SOURCE, TARGET2]
+    for method in ("ddim", "null-text", "negative-prompt"):
+        batch = invert_batch(pipe, [image, other], prompts, method, steps=STEPS, guidance_scale=GUIDANCE,
+                             inner_steps=INNER)
+        for inv, img, prompt in zip(batch, [image, other], prompts):
+            alone = invert(pipe, img, prompt, method, steps=STEPS, guidance_scale=GUIDANCE, inner_steps=INNER)
+            assert inv.prompt == prompt and inv.trajectory.shape == alone.trajectory.shape
+            torch.testing.assert_close(inv.trajectory, alone.trajectory, atol=1e-4, rtol=1e-4)
+            # Adam turns float noise of the batched convolutions into steps of up to ~lr/10.
+            torch.testing.assert_close(inv.uncond, alone.uncond, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["null-text", "direct"])
+def test_batched_edits_match_one_at_a_time(pipe, image, method):
+    """Groups with different edit kinds, blends and step fractions share one batch and each
+    comes out as its own edit would."""
+    other = np.ascontiguousarray(image[:, ::-1])
+    invs = invert_batch(pipe, [image, other, image], [SOURCE, SOURCE, SOURCE], method, steps=STEPS,
+                        guidance_scale=GUIDANCE, inner_steps=INNER)
+    targets = [[TARGET], ["a red cat on the left, on the snowy beach at sunset"], [SOURCE]]
+    configs = [P2PConfig(blend_words=(["cat"], ["dog"]), blend_threshold=0.95),
+               P2PConfig(edit="refine", cross_replace=0.6, self_replace=0.2),
+               P2PConfig(edit="reweight", reweight={"cat": 3.0})]
+    batch = edit_inverted_batch(pipe, invs, targets, configs)
+    assert batch.shape == (3, 2, 32, 32, 3)
+    for out, inv, tgt, cfg in zip(batch, invs, targets, configs):
+        assert max_diff(out, edit_inverted(pipe, inv, tgt, cfg)) <= 1
+    with pytest.raises(ValueError, match="same number of prompts"):
+        edit_inverted_batch(pipe, invs[:2], [[TARGET], [TARGET, TARGET2]], configs[:2])
+    with pytest.raises(ValueError, match="share method"):
+        mixed = invert(pipe, image, SOURCE, "ddim" if method != "ddim" else "direct", steps=STEPS,
+                       guidance_scale=GUIDANCE)
+        edit_inverted_batch(pipe, [invs[0], mixed], [[TARGET], [TARGET]], configs[:2])
+
+
 def test_attention_processors_restored_and_sampling_unchanged(pipe, inversions):
     before = dict(pipe.unet.attn_processors)
     sample_before = generate(pipe, [SOURCE], [torch.Generator().manual_seed(5)], steps=STEPS)
@@ -249,8 +287,8 @@ def test_local_blend_keeps_outside_of_mask_on_source(pipe, inversions, monkeypat
     final = capture.latents[-1]
     mask, blended = records[-1]
     assert torch.equal(blended, final)
-    assert mask.shape == (2, 1, 16, 16) and set(mask.unique().tolist()) <= {0.0, 1.0}
-    inside = mask.bool().expand(-1, 4, -1, -1)
+    assert mask.shape == (1, 2, 1, 16, 16) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    inside = mask[0].bool().expand(-1, 4, -1, -1)
     assert 0 < inside.float().mean() < 1  # a real region: neither nothing nor everything
     for j in range(2):
         outside = ~inside[j]
@@ -261,6 +299,22 @@ def test_local_blend_keeps_outside_of_mask_on_source(pipe, inversions, monkeypat
     still = edit_inverted(pipe, inversions["null-text"], [TARGET], P2PConfig(blend_words=(["cat"], ["dog"]),
                                                                              blend_threshold=1.0))
     assert np.array_equal(still[1], still[0])
+
+
+def test_local_blend_waits_for_blend_start(pipe, inversions, monkeypatch):
+    """Before `blend_start` of the steps the targets run free, from then on they are blended."""
+    kept: list[bool] = []
+    real_end = LocalBlend.end_step
+
+    def end_step(self, step, latents):
+        out = real_end(self, step, latents)
+        kept.append(torch.equal(out, latents))
+        return out
+
+    monkeypatch.setattr(LocalBlend, "end_step", end_step)
+    edit_inverted(pipe, inversions["ddim"], [TARGET], P2PConfig(blend_words=(["cat"], ["dog"]),
+                                                                blend_threshold=1.0, blend_start=0.6))
+    assert kept == [True] * 3 + [False] * (STEPS - 3)
 
 
 def test_local_blend_words_must_be_in_prompts(pipe, inversions):

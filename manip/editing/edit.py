@@ -1,7 +1,9 @@
-"""Prompt-to-Prompt editing, from an inversion of a real image or from fresh noise.
+"""Prompt-to-Prompt editing, from inversions of real images or from fresh noise.
 
-Both paths sample the batch [source, target_1, ...] from one shared x_T with the attention
-controller installed, and return [source reconstruction, edit_1, ...] as uint8 images.
+Every path samples groups [source, target_1, ...], each group from its own shared x_T, with the
+attention controller installed, and returns [source reconstruction, edit_1, ...] per group as
+uint8 images. Many groups run as one batch (`edit_inverted_batch`): a benchmark or a dataset
+generator pays for one UNet call per step, not one per edit.
 """
 from __future__ import annotations
 
@@ -18,26 +20,49 @@ from .inversion import DirectInversionHook, Inversion, ddim_scheduler
 from .p2p import P2PConfig, PromptToPrompt
 
 
-def _p2p(pipe: StableDiffusionPipeline, x_T: torch.Tensor, prompts: Sequence[str], uncond: Uncond, steps: int,
-         guidance_scale: float, config: P2PConfig, hooks: Sequence[StepHook], scale_initial: bool) -> np.ndarray:
-    controller = PromptToPrompt(pipe.tokenizer, prompts, steps, config, guided=guidance_scale != 1.0)
-    cond = encode_prompts(pipe, prompts)
-    latents = x_T.expand(len(prompts), *x_T.shape[1:]).clone()
+def _p2p(pipe: StableDiffusionPipeline, x_T: torch.Tensor, groups: Sequence[Sequence[str]], uncond: Uncond,
+         steps: int, guidance_scale: float, configs: Sequence[P2PConfig], hooks: Sequence[StepHook],
+         scale_initial: bool) -> np.ndarray:
+    """(G, n + 1, H, W, 3) images for G groups of n + 1 prompts; x_T is (G, C, h, w)."""
+    controller = PromptToPrompt(pipe.tokenizer, groups, steps, configs, guided=guidance_scale != 1.0)
+    size = controller.group_size
+    cond = encode_prompts(pipe, [p for g in groups for p in g])
+    latents = x_T.repeat_interleave(size, 0)
     with controlled_attention(pipe.unet, controller):
         out = denoise(pipe, latents, cond, uncond, steps, guidance_scale, hooks=[*hooks, controller],
                       scale_initial=scale_initial, scheduler=ddim_scheduler(pipe))
-    return decode(pipe, out)
+    images = decode(pipe, out)
+    return images.reshape(len(groups), size, *images.shape[1:])
+
+
+def edit_inverted_batch(pipe: StableDiffusionPipeline, inversions: Sequence[Inversion],
+                        targets: Sequence[Sequence[str]], configs: Sequence[P2PConfig]) -> np.ndarray:
+    """Edit many real images in one batch: inversion g with its target prompts `targets[g]` and
+    `configs[g]`; (G, n + 1, H, W, 3), [g, 0] the reconstruction. The inversions must share
+    method, step count and guidance scale (they set the sampler every group runs through)."""
+    if not inversions or len(targets) != len(inversions) or len(configs) != len(inversions):
+        raise ValueError(f"need one target list and one config per inversion, got {len(inversions)} inversions, "
+                         f"{len(targets)} target lists, {len(configs)} configs")
+    first = inversions[0]
+    for inv in inversions:
+        inv.check(pipe)
+        if (inv.method, inv.steps, inv.guidance_scale) != (first.method, first.steps, first.guidance_scale):
+            raise ValueError("inversions edited in one batch must share method, steps and guidance scale: "
+                             f"{(inv.method, inv.steps, inv.guidance_scale)} vs "
+                             f"{(first.method, first.steps, first.guidance_scale)}")
+    groups = [[inv.prompt, *t] for inv, t in zip(inversions, targets)]
+    size = len(groups[0])
+    uncond = [torch.stack([inv.uncond[i] for inv in inversions]).repeat_interleave(size, 0)
+              for i in range(first.steps)]
+    hooks = [DirectInversionHook(inversions, size)] if first.method == "direct" else []
+    x_T = torch.cat([inv.x_T for inv in inversions])
+    return _p2p(pipe, x_T, groups, uncond, first.steps, first.guidance_scale, configs, hooks, scale_initial=False)
 
 
 def edit_inverted(pipe: StableDiffusionPipeline, inversion: Inversion, targets: Sequence[str],
                   config: P2PConfig = P2PConfig()) -> np.ndarray:
     """Edit a real image through its inversion; image 0 is the reconstruction."""
-    inversion.check(pipe)
-    prompts = [inversion.prompt, *targets]
-    uncond = [u[None] for u in inversion.uncond]
-    hooks = [DirectInversionHook(inversion)] if inversion.method == "direct" else []
-    return _p2p(pipe, inversion.x_T, prompts, uncond, inversion.steps, inversion.guidance_scale, config, hooks,
-                scale_initial=False)
+    return edit_inverted_batch(pipe, [inversion], [list(targets)], [config])[0]
 
 
 def edit_generated(pipe: StableDiffusionPipeline, prompts: Sequence[str], generator: torch.Generator,
@@ -46,4 +71,4 @@ def edit_generated(pipe: StableDiffusionPipeline, prompts: Sequence[str], genera
     """Prompt-to-Prompt on a generated image: all prompts share the noise drawn from `generator`."""
     x_T = initial_latents(pipe, 1, generator)
     uncond = encode_prompts(pipe, [negative_prompt]) if guidance_scale != 1.0 else None
-    return _p2p(pipe, x_T, prompts, uncond, steps, guidance_scale, config, (), scale_initial=True)
+    return _p2p(pipe, x_T, [list(prompts)], uncond, steps, guidance_scale, [config], (), scale_initial=True)[0]

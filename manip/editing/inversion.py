@@ -19,11 +19,10 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -146,14 +145,17 @@ class Inversion:
 
 @torch.no_grad()
 def encode_image(pipe: StableDiffusionPipeline, image: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    """uint8 HxWx3 image, or NxHxWx3 batch -> scaled latents (N, C, h, w)."""
+    arr = np.array(image, dtype=np.float32)
+    x = torch.from_numpy(arr[None] if arr.ndim == 3 else arr).permute(0, 3, 1, 2) / 127.5 - 1
     return pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor
 
 
 @torch.no_grad()
 def ddim_trajectory(pipe: StableDiffusionPipeline, z0: torch.Tensor, cond: torch.Tensor, steps: int,
                     scheduler: DDIMScheduler) -> torch.Tensor:
-    """z_0 -> z_T with the conditional prediction only (guidance 1), as in null-text inversion."""
+    """z_0 -> z_T with the conditional prediction only (guidance 1), as in null-text inversion;
+    (steps + 1, B, C, h, w) for a batch of B latents."""
     scheduler.set_timesteps(steps)
     stride = scheduler.config.num_train_timesteps // steps
     ptype = scheduler.config.prediction_type
@@ -163,7 +165,7 @@ def ddim_trajectory(pipe: StableDiffusionPipeline, z0: torch.Tensor, cond: torch
         eps = to_eps(pipe.unet(x, t, encoder_hidden_states=cond).sample, x, a_t, ptype)
         x = ddim_jump(x, eps, _alpha(scheduler, t - stride), a_t)
         traj.append(x)
-    return torch.cat(traj)
+    return torch.stack(traj)
 
 
 def _guided_eps(pipe, x, t, cond_eps, uncond, guidance, a_t, ptype) -> torch.Tensor:
@@ -175,33 +177,44 @@ def null_text_optimise(pipe: StableDiffusionPipeline, trajectory: torch.Tensor, 
                        uncond: torch.Tensor, steps: int, guidance: float, scheduler: DDIMScheduler,
                        inner_steps: int = 10, lr: float = 1e-2, early_stop: float = 1e-5,
                        progress: bool = False) -> torch.Tensor:
-    """Per-step null-text embeddings (reference defaults: 10 Adam steps at lr 1e-2 * (1 - i/100),
-    early stop at 1e-5 + i * 2e-5). Only the embedding takes gradients: the model's weights are
-    frozen, so backward skips every weight gradient."""
+    """Per-step null-text embeddings, (steps, B, K, D) for a batch of B trajectories (reference
+    defaults: 10 Adam steps at lr 1e-2 * (1 - i/100), early stop at 1e-5 + i * 2e-5).
+
+    Each image's embedding sees only its own loss (the batch loss is a sum of per-image means,
+    and Adam is element-wise), and an image that reaches the early-stop level keeps the value it
+    stopped at while the others go on: a batch gives every image what a run on its own would.
+    Only the embedding takes gradients: the model's weights are frozen, so backward skips every
+    weight gradient."""
     scheduler.set_timesteps(steps)
     stride = scheduler.config.num_train_timesteps // steps
     ptype = scheduler.config.prediction_type
     frozen = [p for p in pipe.unet.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    out, x, u = [], trajectory[-1:], uncond.detach().clone()
+    x = trajectory[-1]
+    out, u = [], uncond.detach().expand(len(x), *uncond.shape[-2:]).clone()
     try:
         for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), disable=not progress, desc="null-text")):
             a_t, a_prev = _alpha(scheduler, t), _alpha(scheduler, t - stride)
-            target = trajectory[steps - i - 1 : steps - i]
+            target = trajectory[steps - i - 1]
             with torch.no_grad():
                 cond_eps = to_eps(pipe.unet(x, t, encoder_hidden_states=cond).sample, x, a_t, ptype)
             u = u.detach().clone().requires_grad_(True)  # Adam updates in place: a fresh tensor per step
             # The reference's 1 - i/100 decay, stretched past 50 steps so that it never goes
             # negative (Adam refuses a negative rate: null-text with > 101 steps used to crash).
             opt = torch.optim.Adam([u], lr=lr * (1.0 - i / max(100, 2 * steps)))
+            running = torch.ones(len(x), dtype=torch.bool)
             for _ in range(inner_steps):
                 x_prev = ddim_jump(x, _guided_eps(pipe, x, t, cond_eps, u, guidance, a_t, ptype), a_t, a_prev)
-                loss = F.mse_loss(x_prev, target)
+                losses = (x_prev - target).pow(2).flatten(1).mean(1)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                losses.sum().backward()
+                before = u.detach().clone()
                 opt.step()
-                if loss.item() < early_stop + i * 2e-5:
+                with torch.no_grad():
+                    u[~running] = before[~running]
+                running &= losses.detach() >= early_stop + i * 2e-5
+                if not running.any():
                     break
             u = u.detach()
             out.append(u)
@@ -210,14 +223,19 @@ def null_text_optimise(pipe: StableDiffusionPipeline, trajectory: torch.Tensor, 
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return torch.cat(out)
+    return torch.stack(out)
 
 
-def invert(pipe: StableDiffusionPipeline, image: np.ndarray, prompt: str, method: Method = "null-text",
-           steps: int = 50, guidance_scale: float = 7.5, inner_steps: int = 10, progress: bool = False) -> Inversion:
-    """Invert `image` (uint8 HxWx3 at the model's resolution) under `prompt`."""
+def invert_batch(pipe: StableDiffusionPipeline, images: Sequence[np.ndarray], prompts: Sequence[str],
+                 method: Method = "null-text", steps: int = 50, guidance_scale: float = 7.5, inner_steps: int = 10,
+                 progress: bool = False) -> list[Inversion]:
+    """Invert each image (uint8 HxWx3 at the model's resolution, all the same size) under its
+    prompt, all in one batch; each artifact records the batch's seconds per image."""
     if method not in METHODS:
         raise ValueError(f"unknown inversion method {method!r}; known: {METHODS}")
+    if len(images) != len(prompts) or not images:
+        raise ValueError(f"need one prompt per image and at least one image, got {len(images)} images "
+                         f"and {len(prompts)} prompts")
     scheduler = ddim_scheduler(pipe)
     n_train = scheduler.config.num_train_timesteps
     if not 1 <= steps <= n_train:  # 0 would divide by zero below, more than n_train repeat timesteps
@@ -225,33 +243,44 @@ def invert(pipe: StableDiffusionPipeline, image: np.ndarray, prompt: str, method
     if inner_steps < 0:
         raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
     started = time.perf_counter()
-    cond = encode_prompts(pipe, [prompt])
-    z0 = encode_image(pipe, image)
+    cond = encode_prompts(pipe, prompts)
+    z0 = encode_image(pipe, np.stack(images))
     trajectory = ddim_trajectory(pipe, z0, cond, steps, scheduler)
     if method == "null-text":
         uncond = null_text_optimise(pipe, trajectory, cond, encode_prompts(pipe, [""]), steps, guidance_scale,
                                     scheduler, inner_steps=inner_steps, progress=progress)
     elif method == "negative-prompt":
-        uncond = cond.expand(steps, *cond.shape[1:]).clone()
+        uncond = cond.expand(steps, *cond.shape).clone()
     else:
-        uncond = encode_prompts(pipe, [""]).expand(steps, *cond.shape[1:]).clone()
-    return Inversion(method=method, prompt=prompt, steps=steps, guidance_scale=guidance_scale,
-                     trajectory=trajectory, uncond=uncond, model=model_id(pipe), size=image.shape[0],
-                     seconds=round(time.perf_counter() - started, 3))
+        uncond = encode_prompts(pipe, [""]).expand(steps, len(images), *cond.shape[1:]).clone()
+    seconds = round((time.perf_counter() - started) / len(images), 3)
+    mid = model_id(pipe)
+    return [Inversion(method=method, prompt=p, steps=steps, guidance_scale=guidance_scale,
+                      trajectory=trajectory[:, b].contiguous(), uncond=uncond[:, b].contiguous(), model=mid,
+                      size=images[b].shape[0], seconds=seconds)
+            for b, p in enumerate(prompts)]
+
+
+def invert(pipe: StableDiffusionPipeline, image: np.ndarray, prompt: str, method: Method = "null-text",
+           steps: int = 50, guidance_scale: float = 7.5, inner_steps: int = 10, progress: bool = False) -> Inversion:
+    """Invert `image` (uint8 HxWx3 at the model's resolution) under `prompt`."""
+    return invert_batch(pipe, [image], [prompt], method, steps, guidance_scale, inner_steps, progress)[0]
 
 
 class DirectInversionHook:
-    """Direct inversion: after every step the source branch (batch item 0) is set back onto the
-    inversion trajectory, so the source reconstruction is exact and the targets are edited from
-    the true latents."""
+    """Direct inversion: after every step each group's source branch (the first of every
+    `group_size` batch items) is set back onto its inversion trajectory, so the source
+    reconstruction is exact and the targets are edited from the true latents."""
 
-    def __init__(self, inversion: Inversion):
-        self.trajectory = inversion.trajectory
-        self.steps = inversion.steps
+    def __init__(self, inversions: Sequence[Inversion], group_size: int):
+        self.trajectory = torch.stack([inv.trajectory for inv in inversions], 1)  # (steps + 1, G, C, h, w)
+        self.steps = inversions[0].steps
+        self.group_size = group_size
 
     def begin_step(self, step: int) -> None:
         pass
 
     def end_step(self, step: int, latents: torch.Tensor) -> torch.Tensor:
-        src = self.trajectory[self.steps - step - 1 : self.steps - step].to(latents.dtype)
-        return torch.cat([src, latents[1:]])
+        src = self.trajectory[self.steps - step - 1].to(latents.dtype)
+        grouped = latents.reshape(-1, self.group_size, *latents.shape[1:])
+        return torch.cat([src[:, None], grouped[:, 1:]], 1).reshape(latents.shape)
