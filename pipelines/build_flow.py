@@ -1,11 +1,13 @@
-"""Flow `build-base`: the embedded tiny Stable Diffusion, from rendered world to evaluation.
+"""Flow `build`: the DVC DAG as a Prefect flow, from rendered world to the benchmarks.
 
-It runs every stage that `evaluate_base` needs, in DAG order read from dvc.yaml (so a stage
-added upstream is picked up), each through `dvc repro --single-item`; stages DVC reports as up
-to date are skipped. Then it publishes the evaluation as Prefect artifacts:
-`base-model-metrics` (table) and `base-model-report` (markdown with the sample grid inline).
+It runs every stage of dvc.yaml (or only `target` and what it needs), in DAG order read from
+dvc.yaml (so a stage added there is picked up), each through `dvc repro --single-item`; stages
+DVC reports as up to date are skipped. Then it publishes the results people look at as Prefect
+artifacts: `base-model-metrics` (table) and `base-model-report` (markdown with the sample grid
+inline) from `evaluate_base`, `edit-benchmark` (table: inversion x edit type) and
+`edit-benchmark-report` (markdown with the edit grid) from `edit_benchmark`.
 
-    python -m pipelines.base_flow [REPO]
+    python -m pipelines.build_flow [REPO] [TARGET]
 """
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from .dvc_tasks import dag_order, repro_stage, stage_is_current
-from .report import BASE_METRICS, CAPTIONS, GRID, MODEL, base_headline, flatten
+from .report import (BASE_METRICS, CAPTIONS, EDIT_GRID, EDIT_METRICS, EDIT_TABLE_METRICS, GRID, MODEL,
+                     base_headline, edit_rows, flatten)
 
-TARGET = "evaluate_base"
 METRICS_KEY = "base-model-metrics"
 REPORT_KEY = "base-model-report"
+EDIT_KEY = "edit-benchmark"
+EDIT_REPORT_KEY = "edit-benchmark-report"
 MAX_SIDE = 768  # px of the inline grid
 MAX_BYTES = 150_000  # of the PNG (base64 adds a third), to keep the artifact small
 
@@ -77,9 +81,41 @@ def publish_base_report(repo: Path) -> dict[str, str]:
     return {METRICS_KEY: str(table_id), REPORT_KEY: str(report_id)}
 
 
-@flow(name="build-base")
-def build_base(repo: str = ".", target: str = TARGET) -> dict[str, str]:
-    """Reproduce `target` (default evaluate_base) and its upstream stages; returns
+def edit_markdown(repo: Path, metrics: dict) -> str:
+    rows = edit_rows(metrics)
+    head = ["inversion", "edit", *EDIT_TABLE_METRICS]
+    lines = [
+        "# EmojiWorld-Edit", "",
+        f"{metrics.get('n_cases', '?')} cases, complete: {metrics.get('complete')}; model `{MODEL}`; "
+        f"settings: `{json.dumps(metrics.get('settings', {}))}`.", "",
+        "| " + " | ".join(head) + " |", "|" + " --- |" * len(head),
+        *["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows], "",
+    ]
+    if (repo / EDIT_GRID).is_file():
+        columns = " | ".join(metrics.get("grid_columns", []))
+        lines += ["## Edits", "", f"Columns: {columns}; two cases per edit type.", "",
+                  f"![edits]({grid_data_uri(repo / EDIT_GRID)})", ""]
+    return "\n".join(lines)
+
+
+@task(name="publish-edit-report", cache_policy=NONE)
+def publish_edit_report(repo: Path) -> dict[str, str]:
+    """Table (inversion x edit type) and markdown artifacts from metrics/edit_benchmark.json."""
+    metrics = json.loads((repo / EDIT_METRICS).read_text())
+    table_id = create_table_artifact(table=edit_rows(metrics), key=EDIT_KEY,
+                                     description=f"{EDIT_METRICS}: means per inversion and edit type ({repo})")
+    report_id = create_markdown_artifact(markdown=edit_markdown(repo, metrics), key=EDIT_REPORT_KEY,
+                                         description=f"EmojiWorld-Edit results and edits ({repo})")
+    return {EDIT_KEY: str(table_id), EDIT_REPORT_KEY: str(report_id)}
+
+
+# stage -> (the metrics file it writes, the task that turns it into artifacts)
+PUBLISHERS = {"evaluate_base": (BASE_METRICS, publish_base_report), "edit_benchmark": (EDIT_METRICS, publish_edit_report)}
+
+
+@flow(name="build")
+def build(repo: str = ".", target: str | None = None) -> dict[str, str]:
+    """Reproduce `target` and its upstream stages (default: every stage); returns
     {stage: 'ran' | 'skipped'} in the order they were considered."""
     logger = get_run_logger()
     root = Path(repo).resolve()
@@ -92,10 +128,11 @@ def build_base(repo: str = ".", target: str = TARGET) -> dict[str, str]:
             outcome[stage] = "skipped"
         else:
             outcome[stage] = repro_stage(stage, root)
-    if TARGET in order and (root / BASE_METRICS).is_file():
-        publish_base_report(root)
+    for stage, (metrics, publish) in PUBLISHERS.items():
+        if stage in order and (root / metrics).is_file():
+            publish(root)
     return outcome
 
 
 if __name__ == "__main__":
-    print(build_base(*sys.argv[1:2]))
+    print(build(*sys.argv[1:3]))

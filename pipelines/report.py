@@ -13,6 +13,11 @@ GRID = Path("plots/base_grid.png")
 CAPTIONS = Path("plots/base_grid_captions.txt")
 METRICS_DIR = Path("metrics")
 BASE_METRICS = METRICS_DIR / "base.json"
+EDIT_METRICS = METRICS_DIR / "edit_benchmark.json"
+EDIT_GRID = Path("plots/edit_grid.png")
+# The columns of the edit benchmark's tables (README, Prefect artifact, `make run` summary).
+EDIT_TABLE_METRICS = ("n", "recon_psnr", "bg_psnr", "bg_ssim", "gt_psnr_in", "gt_psnr_out", "clip_t", "clip_t_region",
+                      "structure_dist", "success", "invert_seconds", "edit_seconds")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -44,15 +49,35 @@ def _pct(x) -> str:
 def base_headline(m: dict) -> str:
     """One sentence on the base model from metrics/base.json."""
     gen, real = m.get("generated", {}), m.get("real", {})
-    clip_t, kid = m.get("clip_t", {}), m.get("kid", {})
+    clip_t, kid = m.get("clip_t", {}), m.get("kid", {}).get("judge_features", {})
     return (f"base model: generated images get every requested attribute right in {_pct(gen.get('all'))} of "
             f"samples (real renders: {_pct(real.get('all'))}); CLIP-T generated/real = {clip_t.get('ratio', 'n/a')}; "
-            f"KID generated-vs-real {kid.get('generated_vs_real', 'n/a')} (real-vs-real {kid.get('real_vs_real', 'n/a')}); "
+            f"KID on judge features generated-vs-real {kid.get('generated_vs_real', 'n/a')} "
+            f"(real-vs-real {kid.get('real_vs_real', 'n/a')}); "
             f"{m.get('seconds_per_image', 'n/a')} s/image at {m.get('steps', '?')} steps")
+
+
+def edit_rows(metrics: dict) -> list[dict]:
+    """One row per inversion x edit type ("all" first) from metrics/edit_benchmark.json."""
+    rows = []
+    for method, agg in metrics.get("inversions", {}).items():
+        for kind, values in {"all": agg["overall"], **agg["by_kind"]}.items():
+            rows.append({"inversion": method, "edit": kind,
+                         **{k: "" if values.get(k) is None else values[k] for k in EDIT_TABLE_METRICS}})
+    return rows
 
 
 def _fmt(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_fmt(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def summary(repo: Path) -> str:
@@ -90,7 +115,16 @@ def summary(repo: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", type=Path, default=Path("."), help="project root (default: .)")
+    ap.add_argument("--edit-table", action="store_true",
+                    help="print the edit benchmark's inversion x edit type table as markdown (the README's)")
     args = ap.parse_args(argv)
+    if args.edit_table:
+        path = args.repo / EDIT_METRICS
+        if not path.is_file():
+            print(f"{path} is missing: run `dvc repro edit_benchmark`", file=sys.stderr)
+            return 1
+        print(markdown_table(edit_rows(json.loads(path.read_text()))))
+        return 0
     print(summary(args.repo))
     return 0 if load_metrics(args.repo) else 1
 

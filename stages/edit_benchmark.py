@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
-
-from pydantic import Field, ValidationError, field_validator
 
 from manip.editing.benchmark import (KINDS, BenchmarkSettings, EditBenchmark, aggregate, build_cases, cases_csv,
                                      edit_grid)
+from manip.runtime import set_threads
 from manip.training.checkpoint import atomic_write
 
 from ._runner import main
-from .common import require, set_threads
-from .params import PARAMS_FILE, Params, ParamsError, Pos, Strict, field_errors, load_params, read_yaml
+from .common import require
+from .params import EditBenchmarkParams, Params, load_params
 
 BASE, CLIP, JUDGE = Path("models/base"), Path("models/clip"), Path("models/judge")
 TEST = Path("data/world/test")
@@ -34,61 +32,13 @@ METRICS = Path("metrics/edit_benchmark.json")
 CASES_CSV = Path("plots/edit_benchmark_cases.csv")
 GRID = Path("plots/edit_grid.png")
 
-InversionName = Literal["ddim", "null-text", "negative-prompt", "direct"]
-Fraction = Annotated[float, Field(ge=0, le=1)]
+
+def settings(bench: EditBenchmarkParams) -> BenchmarkSettings:
+    return BenchmarkSettings(**bench.model_dump(exclude={"n_cases", "inversions", "limit_per_run"}))
 
 
-class EditBenchmarkParams(Strict):
-    n_cases: Pos = 300
-    steps: Pos = 50
-    guidance_scale: Annotated[float, Field(ge=1)] = 7.5
-    inversions: list[InversionName] = ["ddim", "null-text", "negative-prompt", "direct"]
-    null_text_inner_steps: Pos = 10
-    cross_replace: Fraction = 0.8
-    self_replace: Fraction = 0.4
-    local_blend: bool = True
-    blend_threshold: Fraction = 0.3
-    limit_per_run: Pos | None = None
-
-    @field_validator("inversions")
-    @classmethod
-    def _distinct(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("name at least one inversion method")
-        if len(set(v)) != len(v):
-            raise ValueError(f"inversion methods repeat: {v}")
-        return v
-
-    def settings(self) -> BenchmarkSettings:
-        return BenchmarkSettings(steps=self.steps, guidance_scale=self.guidance_scale,
-                                 null_text_inner_steps=self.null_text_inner_steps, cross_replace=self.cross_replace,
-                                 self_replace=self.self_replace, local_blend=self.local_blend,
-                                 blend_threshold=self.blend_threshold)
-
-
-def load_stage_params(path: str | Path = PARAMS_FILE) -> tuple[Params, EditBenchmarkParams]:
-    """(project params, the `edit_benchmark` section). Until `Params` declares the section, it
-    is taken out of the raw YAML before the rest is validated (Params forbids unknown keys)."""
-    if "edit_benchmark" in Params.model_fields:
-        params = load_params(path)
-        return params, params.edit_benchmark
-    raw = read_yaml(path)
-    section = raw.pop("edit_benchmark", None) or {}
-    errors = []
-    try:
-        params = Params.model_validate(raw)
-    except ValidationError as err:
-        errors += field_errors(err)
-    try:
-        bench = EditBenchmarkParams.model_validate(section)
-    except ValidationError as err:
-        errors += field_errors(err, "edit_benchmark.")
-    if errors:
-        raise ParamsError(f"invalid {path}:\n  " + "\n  ".join(errors))
-    return params, bench
-
-
-def run(params: Params, bench: EditBenchmarkParams, progress: bool = True) -> dict:
+def run(params: Params, progress: bool = True) -> dict:
+    bench = params.edit_benchmark
     set_threads()
     # Heavy imports here, so that a params error is reported before torch loads.
     from diffusers import StableDiffusionPipeline
@@ -111,7 +61,7 @@ def run(params: Params, bench: EditBenchmarkParams, progress: bool = True) -> di
 
     cases = build_cases(test.scenes, params.seed, bench.n_cases)
     methods = list(bench.inversions)
-    runner = EditBenchmark(pipe, renderer, scorer, judge, bench.settings(), WORK)
+    runner = EditBenchmark(pipe, renderer, scorer, judge, settings(bench), WORK)
     summary = runner.run(cases, methods, limit=bench.limit_per_run, progress=progress)
     records = runner.records(cases, methods)
 
@@ -138,4 +88,4 @@ def run(params: Params, bench: EditBenchmarkParams, progress: bool = True) -> di
 
 
 if __name__ == "__main__":
-    main(lambda: run(*load_stage_params()))
+    main(lambda: run(load_params()))

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PARAMS_FILE = Path(os.environ.get("MANIP_PARAMS", "params.yaml"))
 
 Pos = Annotated[int, Field(gt=0)]
 NonNeg = Annotated[int, Field(ge=0)]
 Rate = Annotated[float, Field(gt=0, lt=1)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 class Strict(BaseModel):
@@ -80,6 +81,33 @@ class EvalParams(Strict):
     batch_size: Pos = 40
 
 
+InversionName = Literal["ddim", "null-text", "negative-prompt", "direct"]
+
+
+class EditBenchmarkParams(Strict):
+    n_cases: Pos = 300
+    steps: Pos = 50
+    guidance_scale: Annotated[float, Field(ge=1)] = 7.5
+    inversions: list[InversionName] = ["ddim", "null-text", "negative-prompt", "direct"]
+    null_text_inner_steps: Pos = 10
+    cross_replace: Fraction = 0.8
+    self_replace: Fraction = 0.4
+    local_blend: bool = True
+    blend_threshold: Fraction = 0.3
+    blend_start: Fraction = 0.2
+    batch_size: Pos = 16
+    limit_per_run: Pos | None = None
+
+    @field_validator("inversions")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one inversion method")
+        if len(set(v)) != len(v):
+            raise ValueError(f"inversion methods repeat: {v}")
+        return v
+
+
 class Params(Strict):
     seed: NonNeg = 0
     world: WorldParams = WorldParams()
@@ -89,6 +117,7 @@ class Params(Strict):
     evaluator: ClipParams = ClipParams(train=LoopParams(steps=2000, batch_size=128, lr=1e-3))
     judge: JudgeParams = JudgeParams()
     evaluate: EvalParams = EvalParams()
+    edit_benchmark: EditBenchmarkParams = EditBenchmarkParams()
 
 
 class ParamsError(ValueError):

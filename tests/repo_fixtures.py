@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTWORK = ROOT / ".cache" / "emoji-datasource-google"
 TINY_PROFILE = ROOT / "profiles" / "tiny.yaml"
 VENV_BIN = Path(sys.executable).parent
-STAGES = ["world", "text_encoder", "vae", "unet", "evaluator", "evaluate_base"]
+STAGES = ["world", "text_encoder", "vae", "unet", "evaluator", "evaluate_base", "edit_benchmark"]
 
 COPY_DIRS = ("manip", "stages", "pipelines")
 COPY_FILES = ("dvc.yaml", ".dvcignore", ".gitignore")

@@ -167,7 +167,8 @@ def make_clip_and_judge(models: Path) -> None:
 def bench_dir(tmp_path, tiny_world) -> Path:
     """A project-shaped folder: params.yaml, data/world (the tiny world), models/{base,clip,judge}."""
     params = tiny_params_dict()
-    params["edit_benchmark"] = {"n_cases": 6, "steps": 3, "null_text_inner_steps": 2, "limit_per_run": 10}
+    params["edit_benchmark"] = {"n_cases": 6, "steps": 3, "null_text_inner_steps": 2, "limit_per_run": 10,
+                                "batch_size": 4}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "world").symlink_to(tiny_world, target_is_directory=True)
@@ -185,30 +186,37 @@ def shard_times(work: Path) -> dict[str, int]:
 
 
 def test_stage_end_to_end_and_resume(bench_dir, monkeypatch):
-    from stages.edit_benchmark import load_stage_params, run
+    from stages.edit_benchmark import run
+    from stages.params import load_params
 
     monkeypatch.chdir(bench_dir)
-    calls = Counter()
-    real_invert = bm.invert
+    calls, batches = Counter(), []
+    real_invert = bm.invert_batch
 
-    def counting_invert(pipe, image, prompt, method, **kw):
-        calls[method] += 1
-        return real_invert(pipe, image, prompt, method, **kw)
+    def counting_invert(pipe, images, prompts, method, **kw):
+        calls[method] += len(images)
+        batches.append(len(images))
+        return real_invert(pipe, images, prompts, method, **kw)
 
-    monkeypatch.setattr(bm, "invert", counting_invert)
-    params, bench = load_stage_params("params.yaml")
+    monkeypatch.setattr(bm, "invert_batch", counting_invert)
+    params = load_params("params.yaml")
+    bench = params.edit_benchmark
     assert bench.n_cases == 6 and bench.inversions == ["ddim", "null-text", "negative-prompt", "direct"]
     methods, pairs = bench.inversions, 6 * 4
 
-    # First run stops after `limit_per_run` shards, and still reports what is done.
-    first = run(params, bench, progress=False)
-    assert sum(calls.values()) == 10
+    def with_bench(b):
+        return params.model_copy(update={"edit_benchmark": b})
+
+    # First run stops after `limit_per_run` shards, and still reports what is done; cases go
+    # through in batches of `batch_size` per method.
+    first = run(params, progress=False)
+    assert sum(calls.values()) == 10 and batches == [4, 2, 4]
     assert first["complete"] is False and first["shards"] == {"done": 10, "computed_this_run": 10, "remaining": 14}
     assert len(read_csv("plots/edit_benchmark_cases.csv")) == 10
 
     # Second run picks up the rest; each (method, case) was inverted exactly once overall.
     full = bench.model_copy(update={"limit_per_run": None})
-    metrics = run(params, full, progress=False)
+    metrics = run(with_bench(full), progress=False)
     assert calls == {m: 6 for m in methods}
     assert metrics["complete"] is True and metrics["shards"] == {"done": pairs, "computed_this_run": 14, "remaining": 0}
     assert metrics["n_cases"] == 6 and metrics["n_cases_by_kind"] == {k: 1 for k in KINDS}
@@ -248,7 +256,7 @@ def test_stage_end_to_end_and_resume(bench_dir, monkeypatch):
 
     # Third run: nothing to do, nothing rewritten, same reports.
     before, csv_before = shard_times(shards), Path("plots/edit_benchmark_cases.csv").read_bytes()
-    again = run(params, full, progress=False)
+    again = run(with_bench(full), progress=False)
     assert calls == {m: 6 for m in methods}
     assert again["shards"]["computed_this_run"] == 0 and shard_times(shards) == before
     assert Path("plots/edit_benchmark_cases.csv").read_bytes() == csv_before
@@ -256,31 +264,31 @@ def test_stage_end_to_end_and_resume(bench_dir, monkeypatch):
 
     # A changed setting invalidates the shards it affects (all of them here), nothing else.
     changed = full.model_copy(update={"blend_threshold": 0.5, "limit_per_run": 1, "inversions": ["ddim"]})
-    partial = run(params, changed, progress=False)
+    partial = run(with_bench(changed), progress=False)
     assert partial["shards"] == {"done": 1, "computed_this_run": 1, "remaining": 5}
     assert calls["ddim"] == 7
 
 
 def test_stage_params_section(tmp_path):
-    from stages.edit_benchmark import EditBenchmarkParams, load_stage_params
-    from stages.params import ParamsError
+    from stages.params import EditBenchmarkParams, ParamsError, load_params
 
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"seed": 1}))
-    params, bench = load_stage_params(path)
+    params = load_params(path)
+    bench = params.edit_benchmark
     assert params.seed == 1 and bench == EditBenchmarkParams()
     assert bench.n_cases == 300 and bench.steps == 50 and bench.limit_per_run is None
     path.write_text(yaml.safe_dump({"seed": 1, "edit_benchmark": {"n_cases": 0, "inversions": ["ddim", "edict"],
                                                                    "cross_replace": 2, "bogus": 1}}))
     with pytest.raises(ParamsError) as err:
-        load_stage_params(path)
+        load_params(path)
     msg = str(err.value)
     for field in ("edit_benchmark.n_cases", "edit_benchmark.inversions", "edit_benchmark.cross_replace",
                   "edit_benchmark.bogus"):
         assert field in msg, msg
     path.write_text(yaml.safe_dump({"seed": -1, "edit_benchmark": {"inversions": ["ddim", "ddim"]}}))
     with pytest.raises(ParamsError, match=r"seed:(.|\n)*edit_benchmark.inversions: .*repeat"):
-        load_stage_params(path)
+        load_params(path)
 
 
 def test_stage_missing_inputs_exit_2(tmp_path):

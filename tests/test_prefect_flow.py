@@ -1,4 +1,4 @@
-"""The Prefect flow `build_base` against a real (temporary) Prefect server and the real DVC CLI,
+"""The Prefect flow `build` against a real (temporary) Prefect server and the real DVC CLI,
 on the tiny profile in a temporary repo: it runs the DAG, leaves DVC with nothing to do, skips
 everything on a second run, and publishes its artifacts."""
 from __future__ import annotations
@@ -30,10 +30,10 @@ def prefect_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def flow_repo(prefect_server, tmp_path_factory):
     """(repo, return value of the first flow run)."""
-    from pipelines.base_flow import build_base
+    from pipelines.build_flow import build
 
     repo = make_repo(tmp_path_factory.mktemp("flow") / "project")
-    return repo, build_base(str(repo))
+    return repo, build(str(repo))
 
 
 def test_dag_order_follows_dvc_yaml():
@@ -60,10 +60,10 @@ def test_dvc_agrees_with_prefect(flow_repo):
 
 
 def test_second_run_skips_every_stage(flow_repo):
-    from pipelines.base_flow import build_base
+    from pipelines.build_flow import build
 
     repo, _ = flow_repo
-    assert build_base(str(repo)) == {stage: "skipped" for stage in STAGES}
+    assert build(str(repo)) == {stage: "skipped" for stage in STAGES}
 
 
 def test_artifacts_published(flow_repo):
@@ -87,6 +87,18 @@ def test_artifacts_published(flow_repo):
     assert "data:image/png;base64," in report
     first_caption = (repo / "plots/base_grid_captions.txt").read_text().splitlines()[0]
     assert first_caption in report
+
+    edit_tables = asyncio.run(read("edit-benchmark"))
+    edit_reports = asyncio.run(read("edit-benchmark-report"))
+    assert edit_tables and edit_reports
+    rows = edit_tables[0].data if isinstance(edit_tables[0].data, list) else json.loads(edit_tables[0].data)
+    bench = json.loads((repo / "metrics/edit_benchmark.json").read_text())
+    methods = list(bench["inversions"])
+    assert [(r["inversion"], r["edit"]) for r in rows][:2] == [(methods[0], "all"), (methods[0], "object")]
+    assert len(rows) == len(methods) * 7
+    first = next(r for r in rows if r["inversion"] == "null-text" and r["edit"] == "all")
+    assert first["recon_psnr"] == bench["inversions"]["null-text"]["overall"]["recon_psnr"]
+    assert "| null-text | all |" in edit_reports[0].data and "data:image/png;base64," in edit_reports[0].data
 
 
 @pytest.fixture(scope="module")
