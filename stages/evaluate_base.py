@@ -3,7 +3,11 @@
 On test-split captions (object x background pairs never seen in training) it generates
 `images_per_caption` samples each, then scores generations, real renders and VAE
 reconstructions of the renders with the same judges: attribute accuracy (judge), CLIP-T
-(evaluator CLIP) and KID on evaluator image features, with a real-vs-real KID beside it.
+(evaluator CLIP) and KID on two feature spaces (the evaluator CLIP's image embedding and the
+judge's feature map). The real-vs-real KID beside each is between the test renders and fresh
+renders of the same scene descriptions with new placement jitter, one per generated sample: the
+generations face a reference set with exactly their captions, so a KID near the real-vs-real
+figure means "as close to the renders as other renders of the same captions".
 """
 from __future__ import annotations
 
@@ -18,16 +22,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from manip.metrics.clip_scores import ClipScorer
-from manip.metrics.judge import AttributeJudge, attribute_hits, predict
+from manip.metrics.judge import AttributeJudge, attribute_hits, embeddings, predict
 from manip.metrics.kid import kid
 from manip.sampling import generate
+from manip.runtime import set_threads
 from manip.training.checkpoint import atomic_write
 from manip.training.images import psnr
 from manip.training.vae import reconstruct
+from manip.world import Artwork, Renderer, resample_layout
 from manip.world.dataset import load_split
 
 from ._runner import main
-from .common import require, set_threads
+from .common import require
 from .params import Params, load_params
 
 BASE, CLIP, JUDGE = Path("models/base"), Path("models/clip"), Path("models/judge")
@@ -42,6 +48,13 @@ def generator(seed: int, caption: int, sample: int) -> torch.Generator:
 def accuracy_table(judge: AttributeJudge, images: np.ndarray, scenes) -> dict[str, float]:
     hits = attribute_hits(predict(judge, images), scenes)
     return {k: round(float(v.mean()), 4) for k, v in hits.items()}
+
+
+def kid_pair(features, gen: np.ndarray, other: np.ndarray, real: np.ndarray) -> dict[str, float]:
+    f_gen, f_other, f_real = (features(x) for x in (gen, other, real))
+    (g, g_std), (r, r_std) = kid(f_gen, f_real), kid(f_other, f_real)
+    return {"generated_vs_real": round(g, 5), "generated_vs_real_std": round(g_std, 5),
+            "real_vs_real": round(r, 5), "real_vs_real_std": round(r_std, 5)}
 
 
 def grid(rows: list[np.ndarray]) -> Image.Image:
@@ -72,10 +85,9 @@ def run(params: Params) -> dict:
     gen_captions = [captions[c] for c, _ in jobs]
     recon = reconstruct(pipe.vae, real)
 
-    other_real = np.asarray(load_split("data/world/val").images[: len(gen)])
-    f_gen, f_real, f_other = (scorer.image_features(x).numpy() for x in (gen, real, other_real))
-    kid_gen, kid_gen_std = kid(f_gen, f_real)
-    kid_real, kid_real_std = kid(f_other, f_real)
+    renderer = Renderer(Artwork(params.world.artwork_dir), params.world.size)
+    other_real = np.stack([renderer.render_array(resample_layout(scenes[c], np.random.default_rng([params.seed, 3, c, s])))
+                           for c, s in jobs])
     clip_t_gen = float(scorer.clip_t(gen, gen_captions).mean())
     clip_t_real = float(scorer.clip_t(real, captions).mean())
     metrics = {
@@ -86,8 +98,8 @@ def run(params: Params) -> dict:
         "vae_reconstruction": accuracy_table(judge, recon, scenes),
         "clip_t": {"generated": round(clip_t_gen, 4), "real": round(clip_t_real, 4),
                    "ratio": round(clip_t_gen / clip_t_real, 4)},
-        "kid": {"generated_vs_real": round(kid_gen, 5), "generated_vs_real_std": round(kid_gen_std, 5),
-                "real_vs_real": round(kid_real, 5), "real_vs_real_std": round(kid_real_std, 5)},
+        "kid": {"judge_features": kid_pair(lambda x: embeddings(judge, x), gen, other_real, real),
+                "clip_features": kid_pair(lambda x: scorer.image_features(x).numpy(), gen, other_real, real)},
         "vae_psnr_db": round(float(psnr(real, recon).mean()), 3),
         "seconds_per_image": round(seconds / len(gen), 4),
     }

@@ -10,7 +10,7 @@ import pytest
 
 from manip.world import (
     EDIT_KINDS, EditNotApplicable, Placed, Renderer, Scene, SPLITS, all_captions, apply_edit, held_out_background,
-    render_edit, sample_scene, scene_rng,
+    render_edit, resample_layout, sample_scene, scene_rng,
 )
 from manip.world.dataset import load_split
 from manip.world.vocab import BACKGROUNDS, BASE_OBJECTS, OBJECTS, RESERVED_OBJECTS, RESERVED_STYLES, TIMES
@@ -133,6 +133,16 @@ TIME_WORDS = {"day": ("day", "sunny"), "sunset": ("sunset",), "night": ("night",
 
 def word_in(word: str, text: str) -> bool:
     return re.search(rf"\b{re.escape(word)}\b", text) is not None
+
+
+def test_resample_layout_keeps_every_caption_and_moves_objects(renderer):
+    scene = sample_scene(scene_rng(0, "train", 7), "train")
+    other = resample_layout(scene, np.random.default_rng(1))
+    assert all_captions(other) == all_captions(scene)
+    assert [(o.name, o.colour, o.slot) for o in other.objects] == [(o.name, o.colour, o.slot) for o in scene.objects]
+    assert [(o.dx, o.dy, o.scale) for o in other.objects] != [(o.dx, o.dy, o.scale) for o in scene.objects]
+    assert not np.array_equal(renderer.render_array(other), renderer.render_array(scene))
+    assert resample_layout(scene, np.random.default_rng(1)) == other
 
 
 @pytest.mark.parametrize("split", SPLITS)

@@ -45,6 +45,11 @@ class AttributeJudge(ModelMixin, ConfigMixin):
         self.slot_mix = nn.Conv1d(4 * w, 4 * w, 3, padding=1)
         self.scene = nn.ModuleDict({k: nn.Linear(4 * w * side * side, len(v)) for k, v in HEADS.items()})
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map every head reads, flattened: what a distribution distance between
+        image sets should compare, since it is trained to tell objects, slots and scenes apart."""
+        return self.features(x).flatten(1)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.features(x)
         slots = torch.relu(self.slot_mix(self.slot_pool(f).squeeze(2))).transpose(1, 2)  # (N, 3, C)
@@ -83,6 +88,14 @@ def predict(judge: AttributeJudge, images: np.ndarray, batch: int = 256) -> dict
         for k, v in judge(to_tensor(images[i : i + batch])).items():
             outs.setdefault(k, []).append(v.argmax(-1).numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+@torch.no_grad()
+def embeddings(judge: AttributeJudge, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """`AttributeJudge.embed` of uint8 NHWC images, (N, D)."""
+    judge.eval()
+    return np.concatenate([judge.embed(to_tensor(images[i : i + batch])).numpy()
+                           for i in range(0, len(images), batch)])
 
 
 def attribute_hits(pred: dict[str, np.ndarray], scenes: list[Scene]) -> dict[str, np.ndarray]:

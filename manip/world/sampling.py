@@ -6,7 +6,7 @@ the `concepts` split, which customization runs learn from.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -34,14 +34,22 @@ def _choice(rng: np.random.Generator, items):
     return items[int(rng.integers(len(items)))]
 
 
+def _layout(rng: np.random.Generator) -> dict[str, float]:
+    """The placement jitter captions never mention."""
+    return {"dx": round(float(rng.uniform(-0.04, 0.04)), 4), "dy": round(float(rng.uniform(-0.04, 0.04)), 4),
+            "scale": round(float(rng.uniform(0.9, 1.1)), 4)}
+
+
 def _placed(rng: np.random.Generator, name: str, slot: str, dist: SceneDistribution) -> Placed:
     colours = list(COLOURS)
     colour = "natural" if rng.random() < dist.p_natural_colour else _choice(rng, colours[1:])
-    return Placed(
-        name=name, colour=colour, slot=slot,
-        dx=round(float(rng.uniform(-0.04, 0.04)), 4), dy=round(float(rng.uniform(-0.04, 0.04)), 4),
-        scale=round(float(rng.uniform(0.9, 1.1)), 4),
-    )
+    return Placed(name=name, colour=colour, slot=slot, **_layout(rng))
+
+
+def resample_layout(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The same scene description with fresh placement jitter: another real render of exactly
+    the same caption (the fair real-vs-real reference for samples of that caption)."""
+    return scene.with_(objects=tuple(replace(o, **_layout(rng)) for o in scene.objects))
 
 
 def _is_held_out(scene: Scene) -> bool:
