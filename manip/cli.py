@@ -59,9 +59,18 @@ def _parser() -> argparse.ArgumentParser:
     ed.add_argument("--blend-start", type=float, default=0.2, help="fraction of the steps before blending starts")
     ed.add_argument("--cross-replace", type=float, default=0.8)
     ed.add_argument("--self-replace", type=float, default=0.4)
+    ed.add_argument("--heatmaps", metavar="PNG", help="also write per-word cross-attention heatmaps of every prompt")
     ed.add_argument("--from-inversion", help="reuse an artifact written by `manip invert`")
     ed.add_argument("--out", required=True, help="output PNG (several targets: OUT stem + _<i>.png)")
     return ap
+
+
+def save_png(image, path: Path) -> None:
+    """Atomically: a reader never sees half an image under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -69,7 +78,9 @@ def run(args: argparse.Namespace) -> dict:
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
+    from manip.editing.attention import AttentionStore
     from manip.editing.edit import edit_inverted
+    from manip.editing.heatmaps import render_heatmaps
     from manip.editing.images import load_image
     from manip.editing.inversion import Inversion, invert
     from manip.editing.p2p import P2PConfig, PromptToPrompt
@@ -108,13 +119,17 @@ def run(args: argparse.Namespace) -> dict:
         inversion.notes = notes
         inversion.save(args.out)
         return {"artifact": args.out, "seconds": inversion.seconds, "notes": notes}
-    images = edit_inverted(pipe, inversion, args.target, config)
+    store = AttentionStore(guided=inversion.guidance_scale != 1.0) if args.heatmaps else None
+    images = edit_inverted(pipe, inversion, args.target, config, record=store)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 2 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(1, len(images))]
     for path, img in zip(paths, images[1:]):
-        Image.fromarray(np.asarray(img)).save(path)
-    return {"outputs": [str(p) for p in paths], "inversion_seconds": inversion.seconds, "notes": notes}
+        save_png(Image.fromarray(np.asarray(img)), path)
+    result = {"outputs": [str(p) for p in paths], "inversion_seconds": inversion.seconds, "notes": notes}
+    if store is not None:
+        save_png(render_heatmaps(store, pipe.tokenizer, [inversion.prompt, *args.target], images), Path(args.heatmaps))
+        result["heatmaps"] = args.heatmaps
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

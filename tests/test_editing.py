@@ -317,6 +317,27 @@ def test_local_blend_waits_for_blend_start(pipe, inversions, monkeypatch):
     assert kept == [True] * 3 + [False] * (STEPS - 3)
 
 
+def test_attention_heatmaps_follow_the_words(pipe, inversions):
+    """The recorded maps cover every resolution, the edit is unchanged by recording, and each
+    word's map is normalised; a word's tokens add up to its map."""
+    from manip.editing.attention import AttentionStore
+    from manip.editing.heatmaps import render_heatmaps, word_maps
+
+    store = AttentionStore(guided=True)
+    out = edit_inverted(pipe, inversions["ddim"], [TARGET], record=store)
+    assert np.array_equal(out, edit_inverted(pipe, inversions["ddim"], [TARGET]))
+    k = pipe.tokenizer.model_max_length
+    assert store.maps() and all(m.shape == (2, side, side, k) for side, m in store.maps().items())
+    rows = word_maps(store, pipe.tokenizer, [SOURCE, TARGET], 32)
+    assert [w for w, _ in rows[0]] == SOURCE.split() and [w for w, _ in rows[1]] == TARGET.split()
+    for _, m in rows[0]:
+        assert m.shape == (32, 32) and m.min() == 0.0 and abs(m.max() - 1.0) < 1e-6
+    img = render_heatmaps(store, pipe.tokenizer, [SOURCE, TARGET], out)
+    assert img.size == ((1 + len(SOURCE.split())) * 64, 2 * (64 + 12))
+    with pytest.raises(ValueError, match="maps of 2 prompts"):
+        word_maps(store, pipe.tokenizer, [SOURCE], 32)
+
+
 def test_local_blend_words_must_be_in_prompts(pipe, inversions):
     with pytest.raises(AlignmentError, match="'horse'"):
         edit_inverted(pipe, inversions["ddim"], [TARGET], P2PConfig(blend_words=(["horse"], ["dog"])))
@@ -649,10 +670,13 @@ def test_cli_invert_then_edit_from_inversion(cli_model, tmp_path):
 
     proc = cli("edit", "--model", str(cli_model), "--image", "in.png", "--source", SOURCE, "--target", TARGET,
                "--target", TARGET2, "--from-inversion", "inv", "--blend-source", "cat",
-               "--blend-target", "dog", "--reweight", "dog=1.5", "--out", "out/edit.png", cwd=tmp_path)
+               "--blend-target", "dog", "--reweight", "dog=1.5", "--out", "out/edit.png", "--heatmaps", "maps.png",
+               cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["outputs"] == ["out/edit_1.png", "out/edit_2.png"]
+    assert result["outputs"] == ["out/edit_1.png", "out/edit_2.png"] and result["heatmaps"] == "maps.png"
+    # A row per prompt: the image and one tile per word (11 words), each 2x the image plus a label.
+    assert Image.open(tmp_path / "maps.png").size == (12 * 64, 3 * (64 + 12))
     assert result["inversion_seconds"] == meta["seconds"]  # reused, not recomputed
     for p in result["outputs"]:
         assert Image.open(tmp_path / p).size == (32, 32)

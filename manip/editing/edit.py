@@ -15,20 +15,26 @@ from diffusers import StableDiffusionPipeline
 
 from manip.sampling import StepHook, Uncond, decode, denoise, encode_prompts, initial_latents
 
-from .attention import controlled_attention
+from .attention import AttentionStore, controlled_attention
 from .inversion import DirectInversionHook, Inversion, ddim_scheduler
 from .p2p import P2PConfig, PromptToPrompt
 
 
 def _p2p(pipe: StableDiffusionPipeline, x_T: torch.Tensor, groups: Sequence[Sequence[str]], uncond: Uncond,
          steps: int, guidance_scale: float, configs: Sequence[P2PConfig], hooks: Sequence[StepHook],
-         scale_initial: bool) -> np.ndarray:
-    """(G, n + 1, H, W, 3) images for G groups of n + 1 prompts; x_T is (G, C, h, w)."""
+         scale_initial: bool, record: AttentionStore | None = None) -> np.ndarray:
+    """(G, n + 1, H, W, 3) images for G groups of n + 1 prompts; x_T is (G, C, h, w). `record`
+    receives the attention as edited, for heatmaps."""
     controller = PromptToPrompt(pipe.tokenizer, groups, steps, configs, guided=guidance_scale != 1.0)
     size = controller.group_size
     cond = encode_prompts(pipe, [p for g in groups for p in g])
     latents = x_T.repeat_interleave(size, 0)
-    with controlled_attention(pipe.unet, controller):
+
+    def hook(probs, call):
+        probs = controller(probs, call)
+        return record(probs, call) if record is not None else probs
+
+    with controlled_attention(pipe.unet, hook):
         out = denoise(pipe, latents, cond, uncond, steps, guidance_scale, hooks=[*hooks, controller],
                       scale_initial=scale_initial, scheduler=ddim_scheduler(pipe))
     images = decode(pipe, out)
@@ -36,7 +42,8 @@ def _p2p(pipe: StableDiffusionPipeline, x_T: torch.Tensor, groups: Sequence[Sequ
 
 
 def edit_inverted_batch(pipe: StableDiffusionPipeline, inversions: Sequence[Inversion],
-                        targets: Sequence[Sequence[str]], configs: Sequence[P2PConfig]) -> np.ndarray:
+                        targets: Sequence[Sequence[str]], configs: Sequence[P2PConfig],
+                        record: AttentionStore | None = None) -> np.ndarray:
     """Edit many real images in one batch: inversion g with its target prompts `targets[g]` and
     `configs[g]`; (G, n + 1, H, W, 3), [g, 0] the reconstruction. The inversions must share
     method, step count and guidance scale (they set the sampler every group runs through)."""
@@ -56,19 +63,22 @@ def edit_inverted_batch(pipe: StableDiffusionPipeline, inversions: Sequence[Inve
               for i in range(first.steps)]
     hooks = [DirectInversionHook(inversions, size)] if first.method == "direct" else []
     x_T = torch.cat([inv.x_T for inv in inversions])
-    return _p2p(pipe, x_T, groups, uncond, first.steps, first.guidance_scale, configs, hooks, scale_initial=False)
+    return _p2p(pipe, x_T, groups, uncond, first.steps, first.guidance_scale, configs, hooks, scale_initial=False,
+                record=record)
 
 
 def edit_inverted(pipe: StableDiffusionPipeline, inversion: Inversion, targets: Sequence[str],
-                  config: P2PConfig = P2PConfig()) -> np.ndarray:
-    """Edit a real image through its inversion; image 0 is the reconstruction."""
-    return edit_inverted_batch(pipe, [inversion], [list(targets)], [config])[0]
+                  config: P2PConfig = P2PConfig(), record: AttentionStore | None = None) -> np.ndarray:
+    """Edit a real image through its inversion; image 0 is the reconstruction. `record`, if
+    given, collects the cross-attention maps of [source, *targets] (see `heatmaps`)."""
+    return edit_inverted_batch(pipe, [inversion], [list(targets)], [config], record)[0]
 
 
 def edit_generated(pipe: StableDiffusionPipeline, prompts: Sequence[str], generator: torch.Generator,
                    config: P2PConfig = P2PConfig(), steps: int = 50, guidance_scale: float = 7.5,
-                   negative_prompt: str = "") -> np.ndarray:
+                   negative_prompt: str = "", record: AttentionStore | None = None) -> np.ndarray:
     """Prompt-to-Prompt on a generated image: all prompts share the noise drawn from `generator`."""
     x_T = initial_latents(pipe, 1, generator)
     uncond = encode_prompts(pipe, [negative_prompt]) if guidance_scale != 1.0 else None
-    return _p2p(pipe, x_T, [list(prompts)], uncond, steps, guidance_scale, [config], (), scale_initial=True)[0]
+    return _p2p(pipe, x_T, [list(prompts)], uncond, steps, guidance_scale, [config], (), scale_initial=True,
+                record=record)[0]
