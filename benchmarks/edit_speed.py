@@ -251,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     from manip.editing.benchmark import build_cases
     from manip.editing.images import load_image
     from manip.editing.inversion import encode_image
+    from manip.runtime import set_threads
     from manip.sampling import decode
     from manip.training.checkpoint import atomic_write
     from manip.world.dataset import load_split
-    from manip.runtime import set_threads
 
     set_threads()
     model = Path(args.model)
