@@ -582,6 +582,18 @@ def test_load_image_wrong_size_resized_with_note(tmp_path):
     assert load_image(Image.fromarray(rgb_array()).convert("L"), 32)[1] == ["converted from mode L to RGB"]
 
 
+def test_load_image_follows_exif_orientation(tmp_path):
+    """A phone photo stored sideways with Orientation = 6 (rotate 90 degrees clockwise) is edited
+    as it is displayed, with a note."""
+    stored = rgb_array(32, 48)  # 48 high, 32 wide as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    img, notes = load_image(tmp_path / "phone.jpg", 32)
+    assert notes[0] == "rotated upright from EXIF orientation 6"
+    assert any(n.startswith("resized from 48x32") for n in notes)  # displayed 48 wide, 32 high
+
+
 def test_load_image_bad_files(tmp_path):
     with pytest.raises(ImageInputError, match="no image file at"):
         load_image(tmp_path / "missing.png", 32)

@@ -63,6 +63,10 @@ def load_image(source: str | Path | Image.Image | np.ndarray, size: int) -> tupl
             raise ImageInputError(f"{path} is not an image file Pillow can read") from None
         except (OSError, SyntaxError, ValueError) as err:
             raise ImageInputError(f"{path} is corrupt or truncated: {err}") from None
+    orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation: how a camera says to display it
+    if orientation not in (1, None):
+        im = ImageOps.exif_transpose(im)
+        notes.append(f"rotated upright from EXIF orientation {orientation}")
     if im.mode != "RGB":
         notes.append(f"converted from mode {im.mode} to RGB")
         im = _to_rgb(im)
