@@ -15,6 +15,9 @@ every run) so that machine drift hits both alike:
   Ours: `invert(..., "ddim")` + `manip.editing.edit.edit_inverted`. Peer: the DDIM inversion
   loop of `NullTextPipeline` + `Prompt2PromptPipeline.__call__(latents=x_T)` from
   examples/community/pipeline_prompt2prompt.py.
+- null-text, ours batched: every image inverted in one `invert_batch` call and reconstructed in
+  one batch (how the benchmark and dataset stages run it), seconds per image, against the same
+  per-image peer runs as the null-text task. The peer has no batched form.
 
 Reported per task and implementation: median seconds per image for the inversion and for the
 sampling, reconstruction PSNR of the source image against the input (and against the VAE's own
@@ -169,6 +172,23 @@ class Runner:
         out = decode(self.pipe, latents)
         return t1 - t0, time.perf_counter() - t1, out
 
+    def ours_null_text_batch(self, images, sources):
+        """All images in one batch (`invert_batch`, one batched reconstruction): what the
+        benchmark and dataset stages do; the peer has no batched form. Seconds are per image."""
+        from manip.editing.inversion import ddim_scheduler, invert_batch
+        from manip.sampling import decode, denoise, encode_prompts
+
+        t0 = time.perf_counter()
+        invs = invert_batch(self.pipe, images, sources, "null-text", steps=self.steps, guidance_scale=GUIDANCE,
+                            inner_steps=self.inner)
+        t1 = time.perf_counter()
+        uncond = [torch.stack([inv.uncond[i] for inv in invs]) for i in range(self.steps)]
+        latents = denoise(self.pipe, torch.cat([inv.x_T for inv in invs]), encode_prompts(self.pipe, sources),
+                          uncond, self.steps, GUIDANCE, scale_initial=False, scheduler=ddim_scheduler(self.pipe))
+        out = decode(self.pipe, latents)
+        n = len(images)
+        return (t1 - t0) / n, (time.perf_counter() - t1) / n, out
+
     def peer_null_text(self, image, source, target):
         path = self._path(image)
         frozen = [p for p in self.pipe.unet.parameters() if p.requires_grad] if self.freeze_peer else []
@@ -298,6 +318,15 @@ def main(argv: list[str] | None = None) -> int:
                         times[task][who]["invert"].append(inv_s)
                         times[task][who]["sample"].append(sample_s)
                         outputs[(task, who, i)] = out
+
+    # Ours batched over every image, once, against the peer's per-image runs above.
+    inv_s, sample_s, batch_out = runner.ours_null_text_batch(images, [c.source_caption for c in cases])
+    batch_task = f"null-text, ours batched x{len(cases)}"
+    tasks = {**tasks, batch_task: tasks["null-text"]}
+    times[batch_task] = {"manip": {"invert": [inv_s], "sample": [sample_s]}, "peer": times["null-text"]["peer"]}
+    for i in range(len(cases)):
+        outputs[(batch_task, "manip", i)] = batch_out[i : i + 1]
+        outputs[(batch_task, "peer", i)] = outputs[("null-text", "peer", i)]
 
     results = {}
     for task in tasks:
