@@ -68,7 +68,7 @@ def run(params: Params, progress: bool = True) -> dict:
     metrics = {
         "complete": summary.complete, "n_cases": len(cases),
         "n_cases_by_kind": {k: sum(c.kind == k for c in cases) for k in KINDS},
-        "shards": {"done": len(records), "computed_this_run": summary.computed, "remaining": summary.remaining},
+        "shards": {"done": len(records), "remaining": summary.remaining},
         "settings": bench.model_dump(exclude={"limit_per_run", "n_cases"}),
         "grid_columns": ["input", "ground truth", *methods],
         "inversions": aggregate(records, methods),
@@ -82,6 +82,7 @@ def run(params: Params, progress: bool = True) -> dict:
         tmp.replace(GRID)
     atomic_write(METRICS, json.dumps(metrics, indent=1))
     print(json.dumps({m: v["overall"] for m, v in metrics["inversions"].items()}, indent=1))
+    print(f"{summary.computed} (method, case) shards computed in this run, {summary.reused} reused")
     if not summary.complete:
         print(f"{summary.remaining} (method, case) shards left: run the stage again to continue")
     return metrics
