@@ -94,7 +94,18 @@ def summary(repo: Path) -> str:
         if gen:
             lines.append("  attribute accuracy generated/real: "
                          + ", ".join(f"{k} {_fmt(v)}/{_fmt(real.get(k, 'n/a'))}" for k, v in gen.items()))
+    if "edit_benchmark" in metrics:
+        bench = metrics["edit_benchmark"]
+        lines.append(f"  edit benchmark ({bench.get('n_cases', '?')} cases, complete: {bench.get('complete')}):")
+        for method, agg in bench.get("inversions", {}).items():
+            o = agg["overall"]
+            lines.append(f"    {method:<16} reconstruction {_fmt(o.get('recon_psnr'))} dB, background "
+                         f"{_fmt(o.get('bg_psnr'))} dB, success {_pct(o.get('success'))}, "
+                         f"{_fmt(o.get('invert_seconds'))} + {_fmt(o.get('edit_seconds'))} s per case")
     for name, m in metrics.items():
+        if name == "edit_benchmark":
+            lines.append(f"  metrics/{name}.json: per edit type in `python -m pipelines.report --edit-table`")
+            continue
         if name == "base":
             lines.append(f"  metrics/{name}.json: {len(flatten(m))} values (`dvc metrics show`)")
             continue

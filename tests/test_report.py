@@ -40,3 +40,12 @@ def test_markdown_table_and_cli(tmp_path, capsys):
 
 def test_summary_without_metrics_says_what_to_run(tmp_path):
     assert "run `dvc repro`" in summary(tmp_path)
+
+
+def test_summary_gives_one_line_per_inversion(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "edit_benchmark.json").write_text(json.dumps(METRICS))
+    text = summary(tmp_path)
+    assert "edit benchmark (2 cases, complete: True):" in text
+    assert [line.split()[0] for line in text.splitlines() if "dB, background" in line] == ["ddim", "null-text"]
+    assert "--edit-table" in text and "inversions.ddim" not in text
