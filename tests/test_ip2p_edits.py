@@ -1,0 +1,212 @@
+"""Caption sources, caption screening and both caption-edit backends (rules offline, openai over
+real HTTP against a local OpenAI-compatible server with scripted failures)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from llm_server import ScriptedLLM, edited, serve
+from manip.ip2p import (Caption, RulesEditor, jsonl_captions, read_jsonl, screen, world_captions, write_jsonl)
+from manip.ip2p.captions import dataset_captions
+from manip.ip2p.llm import LLMError, LLMSettings, OpenAIEditor, load_examples, parse_answer, pick_examples
+from manip.ip2p.records import CaptionEdit
+from manip.models.tokenizer import TINY_MAX_LENGTH, build_clip_tokenizer
+from manip.world import EDIT_KINDS, Scene, caption, sample_scene, scene_rng
+
+SECRET = "sk-test-DO-NOT-LEAK-1234567890"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_clip_tokenizer(max_length=TINY_MAX_LENGTH)
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[Scene]:
+    return [sample_scene(scene_rng(7, "train", i), "train") for i in range(300)]
+
+
+# ---------------------------------------------------------------- captions
+
+
+def test_world_captions_are_deterministic_and_use_every_phrasing(scenes):
+    a, b = world_captions(scenes, 0, 200), world_captions(scenes, 0, 200)
+    assert a == b and len(a) == 200
+    assert {c.phrasing for c in a} == {0, 1, 2, 3}
+    for c in a[:20]:
+        assert c.text == caption(Scene.from_dict(c.scene), c.phrasing)
+    assert [c.phrasing for c in world_captions(scenes, 1, 200)] != [c.phrasing for c in a]
+
+
+def test_bad_captions_are_rejected_with_the_reason(tmp_path, tokenizer):
+    path = tmp_path / "captions.jsonl"
+    lines = [json.dumps({"id": "ok", "caption": "  a red  cat on the grass "}).encode(),
+             json.dumps({"id": "empty", "caption": "   "}).encode(),
+             json.dumps({"id": "long", "caption": "cat " * 40}).encode(),
+             json.dumps({"id": "num", "caption": 42}).encode(),
+             json.dumps({"id": "ok", "caption": "a repeated id"}).encode(),
+             json.dumps({"id": "nofield", "text": "a dog"}).encode(),
+             b'{"id": "latin1", "caption": "caf\xe9"}',
+             b"{not json",
+             b"[1, 2]",
+             b""]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    raw, unreadable = jsonl_captions(path)
+    kept, rejected = screen(raw, tokenizer)
+    assert [(c.id, c.text) for c in kept] == [("ok", "a red cat on the grass")]
+    reasons = {r.id: r.reason for r in unreadable + rejected}
+    assert reasons["empty"] == "empty" and reasons["long"] == "over-long" and reasons["num"] == "not text"
+    assert reasons["line-0000006"] == "no caption"
+    assert Counter(reasons.values())["unreadable"] == 3  # non-UTF-8, not JSON, not an object
+    assert any("UTF-8" in r.detail for r in unreadable)
+    assert [r.reason for r in rejected if r.id == "ok"] == ["duplicate id"]
+
+
+def test_jsonl_source_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="caption file"):
+        jsonl_captions(tmp_path / "nope.jsonl")
+
+
+def test_dataset_text_column(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["a cat", ""], "n": [1, 2]}).save_to_disk(str(tmp_path / "ds"))
+    kept, rejected = screen(dataset_captions(str(tmp_path / "ds"), "text"))
+    assert [c.text for c in kept] == ["a cat"] and [r.reason for r in rejected] == ["empty"]
+    with pytest.raises(KeyError, match="no column 'caption'"):
+        dataset_captions(str(tmp_path / "ds"), "caption")
+
+
+# ---------------------------------------------------------------- rules backend
+
+
+def test_rules_edits_cover_every_kind_with_ground_truth(scenes, tokenizer):
+    captions = world_captions(scenes, 0, 300)
+    edits, rejected = RulesEditor(0).edit_all(captions)
+    assert not rejected and len(edits) == 300
+    assert {e.kind for e in edits} == set(EDIT_KINDS)
+    phrasing = {c.id: c.phrasing for c in captions}
+    for e in edits:
+        assert e.output != e.input and e.edit
+        source, target = Scene.from_dict(e.truth["source"]), Scene.from_dict(e.truth["target"])
+        assert caption(source, phrasing[e.id]) == e.input and caption(target, phrasing[e.id]) == e.output
+    per_kind = {k: {e.edit.split()[0] for e in edits if e.kind == k} for k in EDIT_KINDS}
+    assert all(len(verbs) >= 2 for verbs in per_kind.values()), per_kind  # varied phrasing
+    assert RulesEditor(0).edit_all(captions) == (edits, rejected)
+    assert RulesEditor(1).edit_all(captions)[0] != edits
+
+
+def test_rules_backend_rejects_free_text():
+    edits, rejected = RulesEditor(0).edit_all([Caption("x", "a cat on a sofa")])
+    assert not edits and rejected[0].reason == "no scene"
+    with pytest.raises(ValueError, match="unknown edit kinds"):
+        RulesEditor(0, ["recolour"])
+
+
+def test_records_round_trip_sorted(tmp_path):
+    rows = [CaptionEdit("b", "x", "e", "y"), CaptionEdit("a", "x", "e", "z", "time", {"k": 1})]
+    write_jsonl(tmp_path / "e.jsonl", rows)
+    assert read_jsonl(tmp_path / "e.jsonl", CaptionEdit) == sorted(rows, key=lambda r: r.id)
+
+
+# ---------------------------------------------------------------- openai backend
+
+
+def test_shipped_examples_cover_every_kind():
+    examples = load_examples()
+    assert len(examples) >= 100
+    kinds = Counter(e["kind"] for e in examples)
+    assert len(kinds) >= 10 and min(kinds.values()) >= 5
+    assert all(e["output"] != e["input"] for e in examples)
+    picked = pick_examples(examples, 13)
+    assert len({e["kind"] for e in picked}) == 13
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("", "malformed"), ("nope", "malformed"), ("[1]", "malformed"), ('{"edit": "x"}', "malformed"),
+    ('{"edit": "x", "output": "A cat."}', "unchanged"), ('{"edit": "x", "output": "' + "dog " * 40 + '"}', "output over-long"),
+])
+def test_parse_answer_rejects_junk(content, reason, tokenizer):
+    edit, why = parse_answer(content, "a cat", tokenizer)
+    assert edit is None and why[0] == reason
+
+
+def test_parse_answer_accepts_fenced_json():
+    assert parse_answer('```json\n{"edit": "e", "output": "a dog"}\n```', "a cat") == ("e", "a dog")
+
+
+def _settings(url: str, **kw) -> LLMSettings:
+    return LLMSettings(model="test-model", base_url=url, timeout=0.5, max_attempts=3, backoff=0.01,
+                       concurrency=3, n_examples=4, **kw)
+
+
+def test_openai_backend_needs_a_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(LLMError, match="OPENAI_API_KEY"):
+        OpenAIEditor(_settings("http://127.0.0.1:9/v1"), tmp_path)
+
+
+def test_openai_backend_survives_a_hostile_endpoint(monkeypatch, tmp_path, tokenizer):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    script = {
+        "c ok": [], "c timeout once": ["timeout"], "c 500 twice": ["500", "500"], "c 429": ["429"],
+        "c malformed": ["malformed"], "c fenced": ["fenced"], "c unchanged": ["unchanged"], "c empty": ["empty"],
+        "c always 500": ["500"] * 10,
+    }
+    captions = [Caption(f"id-{i}", text) for i, text in enumerate(script)]
+    llm = ScriptedLLM(script, delay=1.5)
+    cache = tmp_path / "cache"
+    with serve(llm) as url:
+        editor = OpenAIEditor(_settings(url), cache, tokenizer)
+        edits, rejected = editor.edit_all(captions, progress=False)
+        # ok, malformed, fenced, unchanged, empty: 1 each; timeout once and 429: 2; 500 twice and always 500: 3.
+        assert editor.requests == 5 + 2 * 2 + 2 * 3
+
+        by_id = {c.id: c.text for c in captions}
+        assert {e.id for e in edits} | {r.id for r in rejected} == set(by_id)  # every item accounted for
+        kept = {by_id[e.id] for e in edits}
+        assert kept == {"c ok", "c timeout once", "c 500 twice", "c 429", "c fenced"}
+        assert all(e.output == edited(e.input)["output"] for e in edits)
+        reasons = {by_id[r.id]: r.reason for r in rejected}
+        assert reasons == {"c malformed": "malformed", "c unchanged": "unchanged", "c empty": "malformed",
+                           "c always 500": "endpoint failed"}
+        assert llm.counts["c always 500"] == 3 and llm.counts["c 500 twice"] == 3 and llm.counts["c ok"] == 1
+        assert all(entry["authorization"] == f"Bearer {SECRET}" for entry in llm.log)  # the real client path
+        assert all(entry["path"] == "/v1/chat/completions" for entry in llm.log)
+        assert llm.log[0]["body"]["response_format"] == {"type": "json_object"}
+        assert len(llm.log[0]["body"]["messages"]) == 2 + 2 * 4
+
+        # A rerun answers from the cache: only the caption that never got an answer is asked again.
+        again = OpenAIEditor(_settings(url), cache, tokenizer)
+        edits2, rejected2 = again.edit_all(captions)
+        assert again.requests == 3 and (sorted(edits2, key=lambda e: e.id), sorted(rejected2, key=lambda r: r.id)) == (
+            sorted(edits, key=lambda e: e.id), sorted(rejected, key=lambda r: r.id))
+
+    out = tmp_path / "out"
+    write_jsonl(out / "edits.jsonl", edits)
+    write_jsonl(out / "rejected.jsonl", rejected)
+    cached = list(cache.rglob("*.json"))
+    assert len(cached) == len(captions) - 1  # the endpoint failure is not cached, so a rerun retries it
+    for f in [*cached, *out.iterdir()]:
+        assert SECRET not in f.read_text()
+    assert all(SECRET not in r.detail for r in rejected)
+
+
+def test_cache_key_follows_model_and_template(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    a = OpenAIEditor(_settings("http://127.0.0.1:9/v1"), tmp_path)
+    b = OpenAIEditor(LLMSettings(model="other", base_url="http://127.0.0.1:9/v1", n_examples=4), tmp_path)
+    c = OpenAIEditor(_settings("http://127.0.0.1:9/v1", temperature=0.1), tmp_path)
+    assert len({a.key("x"), b.key("x"), c.key("x")}) == 3 and a.key("x") != a.key("y")
+    assert SECRET not in a.template
+
+
+def test_item_rng_depends_only_on_identity():
+    from manip.ip2p.records import item_rng
+
+    assert item_rng(0, "a", 1).integers(1 << 30) == item_rng(0, "a", 1).integers(1 << 30)
+    draws = {int(item_rng(s, k, i).integers(1 << 30)) for s in (0, 1) for k in ("a", "b") for i in (0, 1)}
+    assert len(draws) == 8
