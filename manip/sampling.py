@@ -57,16 +57,27 @@ class StepHook(Protocol):
 
 
 Uncond = torch.Tensor | Sequence[torch.Tensor] | None
+# One classifier-free guidance scale for the batch, or one per sample (a dataset generator
+# draws a scale per candidate and still runs them all in one batch).
+Guidance = float | torch.Tensor
+
+
+def guides(guidance_scale: Guidance) -> bool:
+    """Whether any sample is guided at all (a scale of 1 is the plain conditional prediction)."""
+    if torch.is_tensor(guidance_scale):
+        return bool((guidance_scale != 1.0).any())
+    return guidance_scale != 1.0
 
 
 @torch.inference_mode()
 def denoise(pipe: StableDiffusionPipeline, latents: torch.Tensor, cond: torch.Tensor, uncond: Uncond,
-            steps: int, guidance_scale: float, progress: bool = False, hooks: Sequence[StepHook] = (),
+            steps: int, guidance_scale: Guidance, progress: bool = False, hooks: Sequence[StepHook] = (),
             scale_initial: bool = True, scheduler=None) -> torch.Tensor:
     """Run the scheduler over `steps` steps from `latents` to x_0.
 
     `uncond` is one unconditional context for every step, a per-step sequence (null-text
-    inversion), or None / guidance 1 for no guidance. `scale_initial=False` starts from latents
+    inversion), or None / guidance 1 for no guidance; `guidance_scale` is a float or a (B,) tensor
+    of per-sample scales. `scale_initial=False` starts from latents
     that are already at the first step's noise level (an inversion's x_T). `scheduler` overrides
     the pipeline's own (editing uses DDIM whatever the pipeline samples with).
     """
@@ -74,7 +85,9 @@ def denoise(pipe: StableDiffusionPipeline, latents: torch.Tensor, cond: torch.Te
     scheduler.set_timesteps(steps, device=latents.device)
     if scale_initial:
         latents = latents * scheduler.init_noise_sigma
-    guided = uncond is not None and guidance_scale != 1.0
+    guided = uncond is not None and guides(guidance_scale)
+    if torch.is_tensor(guidance_scale):
+        guidance_scale = guidance_scale.to(latents).reshape(-1, *[1] * (latents.dim() - 1))
     per_step = guided and not torch.is_tensor(uncond)
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sample", leave=False)):
         for h in hooks:

@@ -21,7 +21,7 @@ from manip.editing.benchmark import KINDS, BenchmarkSettings, build_cases, diffe
 from manip.metrics.image_quality import mse, psnr, ssim, ssim_map
 from manip.world import EditNotApplicable, apply_edit, caption
 from manip.world.dataset import load_split
-from tiny_pipeline import saved_tiny_pipeline
+from tiny_pipeline import save_tiny_clip_and_judge, saved_tiny_pipeline
 
 from conftest import tiny_params_dict
 
@@ -149,20 +149,6 @@ def apply_edit_scene():
 # ---------------------------------------------------------------- the stage, end to end
 
 
-def make_clip_and_judge(models: Path) -> None:
-    from manip.metrics.judge import AttributeJudge
-    from manip.models.factory import make_clip
-    from manip.models.tokenizer import build_clip_tokenizer
-    from stages.evaluator import image_processor
-
-    torch.manual_seed(0)
-    clip = make_clip(32, 1, 2, 16, 32, 1, 16, 64)
-    clip.save_pretrained(models / "clip")
-    build_clip_tokenizer().save_pretrained(models / "clip")
-    image_processor(64).save_pretrained(models / "clip")
-    AttributeJudge(width=8, image_size=64).eval().save_pretrained(models / "judge")
-
-
 @pytest.fixture
 def bench_dir(tmp_path, tiny_world) -> Path:
     """A project-shaped folder: params.yaml, data/world (the tiny world), models/{base,clip,judge}."""
@@ -173,7 +159,7 @@ def bench_dir(tmp_path, tiny_world) -> Path:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "world").symlink_to(tiny_world, target_is_directory=True)
     saved_tiny_pipeline(tmp_path / "models" / "base", "epsilon", smooth=True, image_size=64)
-    make_clip_and_judge(tmp_path / "models")
+    save_tiny_clip_and_judge(tmp_path / "models")
     return tmp_path
 
 

@@ -62,3 +62,19 @@ def saved_tiny_pipeline(path: Path, prediction_type: str = "epsilon", seed: int 
     """A tiny pipeline written as a diffusers folder (what `from_pretrained` and the CLI read)."""
     tiny_pipeline(prediction_type, seed, smooth, image_size).save_pretrained(path)
     return path
+
+
+def save_tiny_clip_and_judge(models: Path) -> None:
+    """A random-weight evaluator CLIP (with its tokenizer and 64 px image processor) and attribute
+    judge under models/clip and models/judge, as the scoring stages load them."""
+    from manip.metrics.judge import AttributeJudge
+    from manip.models.factory import make_clip
+    from manip.models.tokenizer import build_clip_tokenizer
+    from stages.evaluator import image_processor
+
+    torch.manual_seed(0)
+    clip = make_clip(32, 1, 2, 16, 32, 1, 16, 64)
+    clip.save_pretrained(models / "clip")
+    build_clip_tokenizer().save_pretrained(models / "clip")
+    image_processor(64).save_pretrained(models / "clip")
+    AttributeJudge(width=8, image_size=64).eval().save_pretrained(models / "judge")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from manip.sampling import StepHook, Uncond, decode, denoise, encode_prompts, initial_latents
+from manip.sampling import Guidance, StepHook, Uncond, decode, denoise, encode_prompts, guides, initial_latents
 
 from .attention import AttentionStore, controlled_attention
 from .inversion import DirectInversionHook, Inversion, ddim_scheduler
@@ -21,12 +21,16 @@ from .p2p import P2PConfig, PromptToPrompt
 
 
 def _p2p(pipe: StableDiffusionPipeline, x_T: torch.Tensor, groups: Sequence[Sequence[str]], uncond: Uncond,
-         steps: int, guidance_scale: float, configs: Sequence[P2PConfig], hooks: Sequence[StepHook],
+         steps: int, guidance_scale: Guidance, configs: Sequence[P2PConfig], hooks: Sequence[StepHook],
          scale_initial: bool, record: AttentionStore | None = None) -> np.ndarray:
-    """(G, n + 1, H, W, 3) images for G groups of n + 1 prompts; x_T is (G, C, h, w). `record`
-    receives the attention as edited, for heatmaps."""
-    controller = PromptToPrompt(pipe.tokenizer, groups, steps, configs, guided=guidance_scale != 1.0)
+    """(G, n + 1, H, W, 3) images for G groups of n + 1 prompts; x_T is (G, C, h, w) and a tensor
+    `guidance_scale` holds one scale per group. `record` receives the attention as edited, for
+    heatmaps."""
+    guided = uncond is not None and guides(guidance_scale)
+    controller = PromptToPrompt(pipe.tokenizer, groups, steps, configs, guided=guided)
     size = controller.group_size
+    if torch.is_tensor(guidance_scale):
+        guidance_scale = guidance_scale.repeat_interleave(size)
     cond = encode_prompts(pipe, [p for g in groups for p in g])
     latents = x_T.repeat_interleave(size, 0)
 
@@ -72,6 +76,19 @@ def edit_inverted(pipe: StableDiffusionPipeline, inversion: Inversion, targets: 
     """Edit a real image through its inversion; image 0 is the reconstruction. `record`, if
     given, collects the cross-attention maps of [source, *targets] (see `heatmaps`)."""
     return edit_inverted_batch(pipe, [inversion], [list(targets)], [config], record)[0]
+
+
+def edit_generated_batch(pipe: StableDiffusionPipeline, groups: Sequence[Sequence[str]],
+                         generators: Sequence[torch.Generator], configs: Sequence[P2PConfig], steps: int = 50,
+                         guidance_scale: Sequence[float] | float = 7.5, negative_prompt: str = "") -> np.ndarray:
+    """Many Prompt-to-Prompt samples in one batch: group g's prompts share the noise drawn from
+    `generators[g]` and are guided with `guidance_scale[g]`; (G, n + 1, H, W, 3)."""
+    if len(generators) != len(groups):
+        raise ValueError(f"need one generator per group, got {len(generators)} for {len(groups)} groups")
+    x_T = torch.cat([initial_latents(pipe, 1, g) for g in generators])
+    scale = guidance_scale if isinstance(guidance_scale, float | int) else torch.tensor(list(guidance_scale))
+    uncond = encode_prompts(pipe, [negative_prompt]) if guides(scale) else None
+    return _p2p(pipe, x_T, groups, uncond, steps, scale, configs, (), scale_initial=True)
 
 
 def edit_generated(pipe: StableDiffusionPipeline, prompts: Sequence[str], generator: torch.Generator,
