@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = Path(os.environ.get("MANIP_PARAMS", "params.yaml"))
 
@@ -108,6 +108,93 @@ class EditBenchmarkParams(Strict):
         return v
 
 
+class CaptionsParams(Strict):
+    source: Literal["emojiworld", "jsonl", "dataset"] = "emojiworld"
+    n: Pos = 1000  # EmojiWorld captions, from the train split
+    path: str | None = None  # JSONL file, or a saved dataset folder / local dataset name
+    column: str = "caption"  # JSONL field or dataset column holding the caption
+    id_field: str | None = "id"  # JSONL field with a stable id (else the line number)
+    split: str = "train"
+
+    @model_validator(mode="after")
+    def _path_given(self) -> "CaptionsParams":
+        if self.source != "emojiworld" and not self.path:
+            raise ValueError(f"source {self.source!r} needs `path`")
+        return self
+
+
+class OpenAIParams(Strict):
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None  # else OPENAI_BASE_URL; the key only ever comes from OPENAI_API_KEY
+    n_examples: Pos = 16
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
+    max_tokens: Pos = 200
+    json_mode: bool = True
+    timeout: Annotated[float, Field(gt=0)] = 30.0
+    max_attempts: Pos = 5
+    backoff: Annotated[float, Field(ge=0)] = 1.0
+    max_backoff: Annotated[float, Field(ge=0)] = 30.0
+    concurrency: Pos = 4
+    examples_file: str | None = None  # JSONL of {input, edit, output}; default: the shipped examples
+    cache_dir: str = ".cache/llm"
+
+
+EditKindName = Literal["object", "colour", "background", "time", "add", "remove", "style"]
+
+
+class EditsParams(Strict):
+    backend: Literal["rules", "openai"] = "rules"
+    kinds: list[EditKindName] = ["object", "colour", "background", "time", "add", "remove", "style"]
+    openai: OpenAIParams = OpenAIParams()
+
+
+Range = tuple[float, float]
+
+
+class FilterParams(Strict):
+    profile: Literal["original", "emojiworld"] = "emojiworld"
+    # Overrides of single thresholds of the profile.
+    clip_text: float | None = None
+    clip_direction: float | None = None
+    clip_image: float | None = None
+
+
+class PairsParams(Strict):
+    steps: Pos = 50
+    n_samples: Pos = 100
+    max_out_samples: Pos = 4
+    self_replace: Range = (0.1, 0.9)
+    guidance: Range = (7.5, 15.0)
+    cross_replace: Fraction | None = None
+    batch_size: Pos = 16
+    shard_size: Pos = 32
+    n_partitions: Pos = 1
+    filter: FilterParams = FilterParams()
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "PairsParams":
+        for name, (lo, hi) in (("self_replace", self.self_replace), ("guidance", self.guidance)):
+            if lo > hi:
+                raise ValueError(f"{name} must be [low, high], got {[lo, hi]}")
+        if not 0 <= self.self_replace[0] <= self.self_replace[1] <= 1:
+            raise ValueError(f"self_replace must lie in [0, 1], got {list(self.self_replace)}")
+        if self.max_out_samples > self.n_samples:
+            raise ValueError(f"max_out_samples ({self.max_out_samples}) exceeds n_samples ({self.n_samples})")
+        return self
+
+
+class DatasetParams(Strict):
+    max_per_edit: Pos | None = None  # pairs per caption edit in the dataset; None: all that passed
+    rows_per_file: Pos = 2000
+
+
+class Ip2pParams(Strict):
+    captions: CaptionsParams = CaptionsParams()
+    edits: EditsParams = EditsParams()
+    pairs: PairsParams = PairsParams()
+    dataset: DatasetParams = DatasetParams()
+
+
 class Params(Strict):
     seed: NonNeg = 0
     world: WorldParams = WorldParams()
@@ -118,6 +205,7 @@ class Params(Strict):
     judge: JudgeParams = JudgeParams()
     evaluate: EvalParams = EvalParams()
     edit_benchmark: EditBenchmarkParams = EditBenchmarkParams()
+    ip2p: Ip2pParams = Ip2pParams()
 
 
 class ParamsError(ValueError):
