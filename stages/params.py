@@ -188,11 +188,20 @@ class DatasetParams(Strict):
     rows_per_file: Pos = 2000
 
 
+class FinetuneParams(Strict):
+    train: LoopParams = LoopParams(steps=3000, batch_size=32, lr=2e-4, warmup=100, ema_decay=0.999,
+                                   checkpoint_every=250)
+    text_drop: Fraction = 0.05
+    image_drop: Fraction = 0.05
+    both_drop: Fraction = 0.05
+
+
 class Ip2pParams(Strict):
     captions: CaptionsParams = CaptionsParams()
     edits: EditsParams = EditsParams()
     pairs: PairsParams = PairsParams()
     dataset: DatasetParams = DatasetParams()
+    finetune: FinetuneParams = FinetuneParams()
 
 
 class Params(Strict):

@@ -22,6 +22,8 @@ from tiny_pipeline import save_tiny_clip_and_judge, saved_tiny_pipeline
 SECRET = "sk-stage-secret-0987654321"
 IP2P = {
     "captions": {"n": 8},
+    "finetune": {"train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "warmup": 1, "ema_decay": 0.9,
+                           "checkpoint_every": 2}},
     "pairs": {"steps": 8, "n_samples": 3, "max_out_samples": 2, "batch_size": 4, "shard_size": 1,
               "filter": {"profile": "original", "clip_text": -1.0, "clip_direction": -1.0, "clip_image": -1.0}},
 }
@@ -159,3 +161,32 @@ def test_openai_backend_through_the_stage(tiny_world, tmp_path):
         if path.is_file():
             assert SECRET not in path.read_text(errors="replace"), path
     assert SECRET not in first.stdout + first.stderr
+
+
+def test_finetune_single_and_data_parallel_agree(reference, tmp_path):
+    """Two CPU processes (torchrun, accelerate's gloo group) train the same model as one process."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from safetensors.torch import load_file
+
+    stage(reference, "ip2p_finetune")
+    single = StableDiffusionInstructPix2PixPipeline.from_pretrained(reference / "models/ip2p")
+    assert single.unet.config.in_channels == 8
+    metrics = json.loads((reference / "metrics/ip2p_finetune.json").read_text())
+    assert metrics["pairs"] == 16 and metrics["processes"] == 1 and metrics["steps"] == 4
+
+    twin = tmp_path / "twin"
+    (twin / "data/ip2p").mkdir(parents=True)
+    (twin / "models").mkdir()
+    (twin / "params.yaml").write_text((reference / "params.yaml").read_text())
+    (twin / "data/ip2p/dataset").symlink_to(reference / "data/ip2p/dataset", target_is_directory=True)
+    (twin / "models/base").symlink_to(reference / "models/base", target_is_directory=True)
+    env = {**tool_env(), "PYTHONPATH": str(ROOT)}
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "stages.ip2p_finetune"]
+    proc = subprocess.run(cmd, cwd=twin, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((twin / "metrics/ip2p_finetune.json").read_text())["processes"] == 2
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(reference / "models/ip2p" / weights), load_file(twin / "models/ip2p" / weights)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-4, worst

@@ -64,7 +64,8 @@ def features():
 
 def filter_report(tries: Sequence[dict], n_edits: int, rows: Sequence[dict]) -> dict:
     """Counts a reader needs to judge the filter: pass rate, rejections per reason (a try can
-    fail for several), edits left without any pair."""
+    fail for several), edits left without any pair. `rows` are the kept pairs (any dicts with
+    the edit's "id")."""
     reasons = Counter(r for t in tries for r in t["reasons"])
     kept_edits = {r["id"] for r in rows}
     return {
@@ -72,14 +73,13 @@ def filter_report(tries: Sequence[dict], n_edits: int, rows: Sequence[dict]) -> 
         "tries": len(tries), "passed": sum(t["passed"] for t in tries), "pairs": len(rows),
         "pass_rate": round(sum(t["passed"] for t in tries) / max(1, len(tries)), 4),
         "rejections": dict(sorted(reasons.items())),
-        "pairs_by_kind": dict(sorted(Counter(r["kind"] for r in rows).items())),
     }
 
 
-def dataset_card(report: dict, provenance: dict) -> str:
+def dataset_card(report: dict, rows: Sequence[dict], provenance: dict) -> str:
     header = ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
               "task_categories:\n- image-to-image\n---\n")
-    kinds = "\n".join(f"| {k} | {n} |" for k, n in report["pairs_by_kind"].items())
+    kinds = "\n".join(f"| {k or 'unlabelled'} | {n} |" for k, n in sorted(Counter(r["kind"] for r in rows).items()))
     rejections = "\n".join(f"| {k} | {n} |" for k, n in report["rejections"].items())
     return header + f"""
 # InstructPix2Pix pairs

@@ -80,10 +80,16 @@ def train(
     params: list[torch.nn.Parameter] | None = None,
     desc: str = "train",
     fingerprint: dict | None = None,
+    accelerator=None,
 ) -> TrainResult:
     """Train `model` for `cfg.steps`, resuming from `checkpoint_dir/last` when it was written by
     a run with the same `fingerprint` (the settings, less the step count: raising `steps`
-    extends a finished run). A checkpoint from other settings is set aside, never mixed in."""
+    extends a finished run). A checkpoint from other settings is set aside, never mixed in.
+
+    With an `accelerate.Accelerator` of several processes, `loss_fn` must run the model through
+    its data-parallel wrapper (so gradients are averaged) on its share of the batch; every
+    process keeps identical weights, and only the main one writes checkpoints and a progress bar."""
+    main = accelerator is None or accelerator.is_main_process
     trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -91,17 +97,19 @@ def train(
     ckpt = checkpoint_dir / "last"
     recover_dir(ckpt)
     step, history, seconds = 0, [], 0.0
-    if (ckpt / "meta.json").is_file() and _fingerprint_of(ckpt) != fingerprint:
+    if main and (ckpt / "meta.json").is_file() and _fingerprint_of(ckpt) != fingerprint:
         stale = ckpt.with_name("stale")
         shutil.rmtree(stale, ignore_errors=True)
         ckpt.rename(stale)
         tqdm.write(f"{desc}: checkpoint in {ckpt} is from other settings; moved to {stale}, starting fresh")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     if (ckpt / "meta.json").is_file():
         meta = load_checkpoint(ckpt, modules, opt)
         step, history, seconds = meta["step"], meta["history"], meta.get("seconds", 0.0)
     resumed_from = step
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=desc, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, dynamic_ncols=True, disable=not main)
     running: dict[str, float] = {}
     started = time.perf_counter() - seconds
     while step < cfg.steps:
@@ -109,7 +117,10 @@ def train(
             group["lr"] = lr_at(cfg, step)
         loss, logs = loss_fn(step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if accelerator is not None:
+            accelerator.backward(loss)
+        else:
+            loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         opt.step()
@@ -127,8 +138,11 @@ def train(
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             seconds = time.perf_counter() - started
-            save_checkpoint(ckpt, modules, opt,
-                            {"step": step, "history": history, "fingerprint": fingerprint, "seconds": seconds})
+            if main:
+                save_checkpoint(ckpt, modules, opt,
+                                {"step": step, "history": history, "fingerprint": fingerprint, "seconds": seconds})
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
     bar.close()
     model.eval()
     final = ema.shadow if ema else model

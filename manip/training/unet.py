@@ -36,12 +36,23 @@ def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float = 5.
 
 
 def diffusion_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, context: torch.Tensor,
-                   generator: torch.Generator) -> torch.Tensor:
-    noise = torch.randn(latents.shape, generator=generator)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+                   generator: torch.Generator, concat: torch.Tensor | None = None,
+                   shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """The (min-SNR weighted) LDM loss of a batch. `concat` is appended to the noisy latents as
+    extra input channels (InstructPix2Pix's image conditioning). With `shard=(rank, world)` the
+    noise and timesteps are still drawn for the whole batch and this process takes every
+    world-th item from `rank`, so a data-parallel run sees exactly the batch a single process would."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
+    rank, world = shard
+    if world > 1:
+        part = slice(rank, None, world)
+        latents, context, noise, t = latents[part], context[part], noise[part], t[part]
+        concat = concat[part] if concat is not None else None
     noisy = scheduler.add_noise(latents, noise, t)
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-    pred = unet(noisy, t, context).sample
+    model_in = noisy if concat is None else torch.cat([noisy, concat], 1)
+    pred = unet(model_in, t, context).sample
     per_item = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
     return (per_item * min_snr_weights(scheduler, t)).mean()
 
