@@ -196,12 +196,28 @@ class FinetuneParams(Strict):
     both_drop: Fraction = 0.05
 
 
+class Ip2pEvalParams(Strict):
+    n_cases: Pos = 140  # held-out EmojiWorld edits from the test split
+    steps: Pos = 50
+    guidance_scale: Annotated[float, Field(ge=1)] = 7.5
+    image_guidance_scales: list[Annotated[float, Field(ge=1)]] = [1.0, 1.2, 1.5, 1.8, 2.2]
+    default_image_guidance: Annotated[float, Field(ge=1)] = 1.5  # the scale reported per edit kind
+    batch_size: Pos = 16
+
+    @model_validator(mode="after")
+    def _default_scale_listed(self) -> "Ip2pEvalParams":
+        if self.default_image_guidance not in self.image_guidance_scales:
+            raise ValueError(f"default_image_guidance {self.default_image_guidance} is not in image_guidance_scales")
+        return self
+
+
 class Ip2pParams(Strict):
     captions: CaptionsParams = CaptionsParams()
     edits: EditsParams = EditsParams()
     pairs: PairsParams = PairsParams()
     dataset: DatasetParams = DatasetParams()
     finetune: FinetuneParams = FinetuneParams()
+    evaluate: Ip2pEvalParams = Ip2pEvalParams()
 
 
 class Params(Strict):

@@ -99,6 +99,12 @@ def test_rules_edits_cover_every_kind_with_ground_truth(scenes, tokenizer):
     assert RulesEditor(1).edit_all(captions)[0] != edits
 
 
+def test_rules_balanced_kinds(scenes):
+    edits, _ = RulesEditor(0).edit_all(world_captions(scenes, 0, 140), balanced=True)
+    counts = Counter(e.kind for e in edits)
+    assert set(counts) == set(EDIT_KINDS) and min(counts.values()) >= 10, counts
+
+
 def test_rules_backend_rejects_free_text():
     edits, rejected = RulesEditor(0).edit_all([Caption("x", "a cat on a sofa")])
     assert not edits and rejected[0].reason == "no scene"

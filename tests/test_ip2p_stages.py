@@ -22,6 +22,7 @@ from tiny_pipeline import save_tiny_clip_and_judge, saved_tiny_pipeline
 SECRET = "sk-stage-secret-0987654321"
 IP2P = {
     "captions": {"n": 8},
+    "evaluate": {"n_cases": 7, "steps": 2, "image_guidance_scales": [1.0, 1.5], "batch_size": 4},
     "finetune": {"train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "warmup": 1, "ema_decay": 0.9,
                            "checkpoint_every": 2}},
     "pairs": {"steps": 8, "n_samples": 3, "max_out_samples": 2, "batch_size": 4, "shard_size": 1,
@@ -190,3 +191,21 @@ def test_finetune_single_and_data_parallel_agree(reference, tmp_path):
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-4, worst
+
+
+def test_evaluate_scores_every_scale(reference):
+    if not (reference / "models/ip2p/model_index.json").is_file():
+        stage(reference, "ip2p_finetune")
+    stage(reference, "ip2p_evaluate")
+    m = json.loads((reference / "metrics/ip2p_eval.json").read_text())
+    assert m["n_cases"] == 7 and set(m["per_image_guidance"]) == {"1.0", "1.5"}
+    kinds = set(m["per_kind_at_default"])
+    assert kinds <= {"object", "colour", "background", "time", "add", "remove", "style"} and len(kinds) >= 4
+    for scores in [*m["per_image_guidance"].values(), m["unchanged_input_baseline"]]:
+        assert 0 <= scores["success"] <= 1 and -1 <= scores["clip_direction"] <= 1
+    assert m["unchanged_input_baseline"]["clip_image"] > 0.99
+    curve = (reference / "plots/ip2p_tradeoff.csv").read_text().splitlines()
+    assert curve[0].startswith("image_guidance_scale,clip_direction,clip_image") and len(curve) == 3
+    from PIL import Image
+
+    assert Image.open(reference / "plots/ip2p_eval_grid.png").size == (3 * 64 * 4, 3 * 64 * len(kinds))

@@ -47,7 +47,7 @@ KINDS: tuple[str, ...] = ("object", "colour", "background", "time", "add", "styl
 # Which attribute_hits entries say that the edited attribute matches the target scene.
 JUDGE_HITS: dict[str, tuple[str, ...]] = {
     "object": ("object", "position"), "colour": ("colour",), "background": ("background",),
-    "time": ("time",), "style": ("style",), "add": ("position",),
+    "time": ("time",), "style": ("style",), "add": ("position",), "remove": ("object", "position"),
 }
 # Function words are not blended on: "a" occurs several times in most captions.
 STOPWORDS = frozenset({"a", "an", "the", "of", "and", "on", "in", "at", "with", "to"})

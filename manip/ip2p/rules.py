@@ -89,21 +89,40 @@ class RulesEditor:
             raise ValueError(f"unknown edit kinds {unknown}; choose from {list(EDIT_KINDS)}")
         self.seed, self.kinds = seed, tuple(kinds)
 
-    def edit_one(self, c: Caption) -> CaptionEdit | Rejected:
+    def edit_one(self, c: Caption, kinds: Sequence[str] | None = None) -> CaptionEdit | Rejected:
+        """One edit of caption `c`, of one of `kinds` (default: all of this editor's)."""
         if c.scene is None or c.phrasing is None:
             return Rejected(c.id, c.text, "no scene",
                             "the rules backend edits EmojiWorld captions only; use the openai backend for free text")
         scene = Scene.from_dict(c.scene)
         rng = item_rng(self.seed, "edit", c.id)
         # Kinds in a seeded order; a scene that cannot take one (adding a third object) takes the next.
-        for k in rng.permutation(len(self.kinds)).tolist():
+        kinds = self.kinds if kinds is None else tuple(kinds)
+        for kind in [kinds[k] for k in rng.permutation(len(kinds))]:
             try:
-                e = apply_edit(scene, self.kinds[k], rng)
+                e = apply_edit(scene, kind, rng)
             except EditNotApplicable:
                 continue
             return CaptionEdit(c.id, c.text, instruction(e, rng), caption(e.target, c.phrasing), e.kind,
                                {"source": e.source.to_dict(), "target": e.target.to_dict()})
-        return Rejected(c.id, c.text, "no applicable edit", f"none of {list(self.kinds)} applies to this scene")
+        return Rejected(c.id, c.text, "no applicable edit", f"none of {list(kinds)} applies to this scene")
 
-    def edit_all(self, captions: Sequence[Caption], progress: bool = False) -> tuple[list[CaptionEdit], list[Rejected]]:
-        return partition(self.edit_one(c) for c in captions)
+    def edit_all(self, captions: Sequence[Caption], progress: bool = False,
+                 balanced: bool = False) -> tuple[list[CaptionEdit], list[Rejected]]:
+        """With `balanced` (an evaluation set), kinds take turns, each going to the next caption
+        whose scene can take it, until the captions or the applicable kinds run out."""
+        if not balanced:
+            return partition(self.edit_one(c) for c in captions)
+        pending, results, live = list(captions), [], list(self.kinds)
+        turn = 0
+        while pending and live:
+            kind = live[turn % len(live)]
+            hit = next(((j, r) for j, c in enumerate(pending)
+                        if isinstance(r := self.edit_one(c, [kind]), CaptionEdit)), None)
+            if hit is None:
+                live.remove(kind)
+                continue
+            results.append(hit[1])
+            pending.pop(hit[0])
+            turn += 1
+        return partition([*results, *(self.edit_one(c) for c in pending)])
