@@ -5,25 +5,24 @@ dvc.yaml (so a stage added there is picked up), each through `dvc repro --single
 DVC reports as up to date are skipped. Then it publishes the results people look at as Prefect
 artifacts: `base-model-metrics` (table) and `base-model-report` (markdown with the sample grid
 inline) from `evaluate_base`, `edit-benchmark` (table: inversion x edit type) and
-`edit-benchmark-report` (markdown with the edit grid) from `edit_benchmark`.
+`edit-benchmark-report` (markdown with the edit grid) from `edit_benchmark`, and the InstructPix2Pix
+dataset card and evaluation (see pipelines/ip2p_flows.py).
 
     python -m pipelines.build_flow [REPO] [TARGET]
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
-import math
 import sys
 from pathlib import Path
 
-from PIL import Image
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from .dvc_tasks import dag_order, repro_stage, stage_is_current
+from .artifacts import grid_data_uri
+from .dvc_tasks import dag_order, reproduce
+from .ip2p_flows import DATASET_METRICS, EVAL_METRICS, publish_dataset, publish_eval
 from .report import (BASE_METRICS, CAPTIONS, EDIT_GRID, EDIT_METRICS, EDIT_TABLE_METRICS, GRID, MODEL,
                      base_headline, edit_rows, flatten)
 
@@ -31,22 +30,6 @@ METRICS_KEY = "base-model-metrics"
 REPORT_KEY = "base-model-report"
 EDIT_KEY = "edit-benchmark"
 EDIT_REPORT_KEY = "edit-benchmark-report"
-MAX_SIDE = 768  # px of the inline grid
-MAX_BYTES = 150_000  # of the PNG (base64 adds a third), to keep the artifact small
-
-
-def grid_data_uri(path: Path, max_side: int = MAX_SIDE, max_bytes: int = MAX_BYTES) -> str:
-    """The grid as a PNG data URI, shrunk by whole factors (box filter: the grid is a NEAREST
-    upscale, so this recovers its pixels) until it fits `max_side` and `max_bytes`."""
-    img = Image.open(path).convert("RGB")
-    factor = max(1, math.ceil(max(img.size) / max_side))
-    while True:
-        small = img.resize((max(1, img.width // factor), max(1, img.height // factor)), Image.BOX)
-        buf = io.BytesIO()
-        small.save(buf, format="PNG", optimize=True)
-        if buf.tell() <= max_bytes or min(small.size) <= 64:
-            return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-        factor *= 2
 
 
 def report_markdown(repo: Path, metrics: dict) -> str:
@@ -110,7 +93,8 @@ def publish_edit_report(repo: Path) -> dict[str, str]:
 
 
 # stage -> (the metrics file it writes, the task that turns it into artifacts)
-PUBLISHERS = {"evaluate_base": (BASE_METRICS, publish_base_report), "edit_benchmark": (EDIT_METRICS, publish_edit_report)}
+PUBLISHERS = {"evaluate_base": (BASE_METRICS, publish_base_report), "edit_benchmark": (EDIT_METRICS, publish_edit_report),
+              "ip2p_dataset": (DATASET_METRICS, publish_dataset), "ip2p_evaluate": (EVAL_METRICS, publish_eval)}
 
 
 @flow(name="build")
@@ -121,13 +105,7 @@ def build(repo: str = ".", target: str | None = None) -> dict[str, str]:
     root = Path(repo).resolve()
     order = dag_order(root, target)
     logger.info("stages in DAG order: %s", " -> ".join(order))
-    outcome: dict[str, str] = {}
-    for stage in order:
-        if stage_is_current(stage, root):
-            logger.info("%s: up to date, skipped", stage)
-            outcome[stage] = "skipped"
-        else:
-            outcome[stage] = repro_stage(stage, root)
+    outcome = reproduce(order, root)
     for stage, (metrics, publish) in PUBLISHERS.items():
         if stage in order and (root / metrics).is_file():
             publish(root)

@@ -80,8 +80,8 @@ def _pump(stream, log, level: int, sink: deque | list) -> None:
             log.log(level, line)
 
 
-def _failure(args: list[str], stage: str, rc: int, tail: str) -> Exception:
-    cmd = " ".join(["dvc", *args])
+def _failure(cmd_args: list[str], stage: str, rc: int, tail: str) -> Exception:
+    cmd = " ".join(cmd_args)
     msg = f"`{cmd}` failed with exit code {rc} in stage {stage!r}; last lines of stderr:\n{tail or '(empty)'}"
     if TRANSIENT.search(tail):
         return DvcIOError(msg)
@@ -91,10 +91,16 @@ def _failure(args: list[str], stage: str, rc: int, tail: str) -> Exception:
 def stream_dvc(args: list[str], repo: Path, stage: str = "") -> list[str]:
     """Run a DVC command in `repo`, logging stdout and stderr line by line as they arrive.
     Returns the stdout lines; raises DvcIOError / DvcStageError with the stderr tail on failure."""
+    return stream_command(dvc_command(*args), repo, stage, shown=["dvc", *args])
+
+
+def stream_command(cmd: list[str], repo: Path, stage: str = "", shown: list[str] | None = None) -> list[str]:
+    """`stream_dvc` for any command of the project's interpreter environment (a stage module
+    run directly, e.g. one partition of a sharded stage)."""
     log = _logger()
     stdout: list[str] = []
     stderr: deque[str] = deque(maxlen=TAIL_LINES)
-    proc = subprocess.Popen(dvc_command(*args), cwd=repo, env=dvc_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=repo, env=dvc_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1,
                             errors="replace")
     err_thread = threading.Thread(target=_pump, args=(proc.stderr, log, logging.INFO, stderr), daemon=True)
@@ -103,7 +109,7 @@ def stream_dvc(args: list[str], repo: Path, stage: str = "") -> list[str]:
     rc = proc.wait()
     err_thread.join()
     if rc != 0:
-        raise _failure(args, stage, rc, "\n".join(stderr))
+        raise _failure(shown or cmd, stage, rc, "\n".join(stderr))
     return stdout
 
 
@@ -132,7 +138,7 @@ def stage_status(stage: str, repo: Path) -> dict:
     proc = subprocess.run(dvc_command("status", stage, "--json"), cwd=repo, env=dvc_env(), capture_output=True,
                           text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
-        raise _failure(["status", stage, "--json"], stage, proc.returncode,
+        raise _failure(["dvc", "status", stage, "--json"], stage, proc.returncode,
                        "\n".join(proc.stderr.strip().splitlines()[-TAIL_LINES:]))
     text = proc.stdout.strip()
     return json.loads(text[text.index("{"):]) if "{" in text else {}
@@ -140,6 +146,19 @@ def stage_status(stage: str, repo: Path) -> dict:
 
 def stage_is_current(stage: str, repo: Path) -> bool:
     return not stage_status(stage, Path(repo))
+
+
+def reproduce(stages: Iterable[str], repo: Path) -> dict[str, str]:
+    """Each stage in turn, skipped when DVC reports it up to date; {stage: 'ran' | 'skipped'}."""
+    log = _logger()
+    outcome: dict[str, str] = {}
+    for stage in stages:
+        if stage_is_current(stage, repo):
+            log.info("%s: up to date, skipped", stage)
+            outcome[stage] = "skipped"
+        else:
+            outcome[stage] = repro_stage(stage, repo)
+    return outcome
 
 
 # --- DAG order from dvc.yaml -------------------------------------------------------------------

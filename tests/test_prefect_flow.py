@@ -144,3 +144,63 @@ def test_repo_lock_contention_is_retried(prefect_server, scratch_repo):
     with pytest.raises(DvcIOError, match="Unable to acquire lock"):
         state.result()
     assert _run_count(state) == 3
+
+
+def _artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+    return asyncio.run(read())
+
+
+def test_ip2p_artifacts_published(flow_repo):
+    repo, _ = flow_repo
+    card = _artifact("ip2p-dataset-card")
+    assert card and "# InstructPix2Pix pairs" in card[0].data and "data:image/png;base64," in card[0].data
+    report = _artifact("ip2p-eval-report")
+    assert report and "| image_guidance |" in report[0].data
+    table = _artifact("ip2p-eval")[0]
+    rows = table.data if isinstance(table.data, list) else json.loads(table.data)
+    assert rows[-1]["image_guidance"] == "input unchanged"
+
+
+def test_retrain_only_when_the_dataset_changes(flow_repo):
+    """The scheduled flow: nothing new -> no training; more captions -> a new dataset version
+    (pairs fanned out over two partition tasks) -> fine-tune and evaluate again."""
+    import yaml
+
+    from pipelines.ip2p_flows import dataset_versions, retrain
+
+    repo, _ = flow_repo
+    assert retrain(str(repo)) == {"retrained": False, "dataset": dataset_versions(repo)[0]}
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["ip2p"]["captions"]["n"] = 8
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    before = dataset_versions(repo)[0]
+    result = retrain(str(repo), 2)
+    published, trained_on = dataset_versions(repo)
+    assert result == {"retrained": True, "dataset": published} and published != before and trained_on == published
+    assert len(list((repo / "data/ip2p/pairs").glob("shard-*/shard.json"))) == 4  # 8 edits, shards of 2
+    assert dvc_status(repo) == {}
+    assert retrain(str(repo))["retrained"] is False
+
+
+def test_retrain_deployment_has_a_cron_schedule(flow_repo):
+    from prefect.client.orchestration import get_client
+
+    from pipelines.deployments import RETRAIN_CRON, retrain_deployment
+
+    repo, _ = flow_repo
+    deployment_id = retrain_deployment(repo).apply()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment(deployment_id)
+
+    deployment = asyncio.run(read())
+    assert deployment.name == "scheduled" and deployment.parameters == {"repo": str(repo.resolve())}
+    assert [s.schedule.cron for s in deployment.schedules] == [RETRAIN_CRON]

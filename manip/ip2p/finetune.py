@@ -1,7 +1,7 @@
 """InstructPix2Pix fine-tuning of a text-to-image Stable Diffusion (Brooks et al., 2023).
 
-The UNet's first convolution is widened from 4 to 8 input channels, [noisy latents, input-image
-latents], with the new weights at zero so training starts from the base model's behaviour. The
+The UNet's first convolution takes twice its input channels (4 -> 8 for Stable Diffusion),
+[noisy latents, input-image latents], with the new weights at zero so training starts from the base model's behaviour. The
 text and the image condition are dropped for 5% of the samples each and both for another 5%
 (classifier-free guidance over two conditions at inference). Training runs through the shared
 loop (EMA, exact resume) and optionally data-parallel through `accelerate`.
@@ -38,9 +38,11 @@ class DropoutSettings:
             raise ValueError(f"dropout probabilities must be >= 0 and sum to at most 1, got {self}")
 
 
-def widen_conv_in(unet: UNet2DConditionModel, extra: int = 4) -> UNet2DConditionModel:
-    """Append `extra` zero-initialised input channels to conv_in (in place); returns the UNet."""
+def widen_conv_in(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """Double conv_in's input channels (in place) for the image latents, the new ones at zero;
+    returns the UNet."""
     old = unet.conv_in
+    extra = old.in_channels
     new = torch.nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding)
     with torch.no_grad():
         new.weight.zero_()
