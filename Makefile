@@ -15,7 +15,13 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 # dvc.yaml's `python -m stages.<name>` must find the project's interpreter.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install artwork run test clean-checkpoints
+# The official diffusers examples (the baselines in benchmarks/ and tests/test_peer_examples.py)
+# import torchvision, which only exists here beside torch 2.14.1 (a CUDA build, about 5.5 GB,
+# that runs on the CPU): they get their own environment and never share the project's.
+PEERS_VENV ?= .venv-peers
+PEERS_TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install artwork peers run test clean-checkpoints
 
 install: $(VENV)/.installed artwork
 
@@ -39,11 +45,20 @@ $(ARTWORK)/emoji.json:
 	mv .cache/npm-pack/package $(ARTWORK)
 	rm -rf .cache/npm-pack
 
+peers: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed: constraints.txt
+	test -x $(PEERS_VENV)/bin/python || python3 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q $(PEERS_TORCH)
+	$(PEERS_VENV)/bin/python -m pip install -q -c constraints.txt diffusers transformers accelerate datasets
+	touch $@
+
 run: install
 	$(VENV)/bin/dvc repro
 	$(PY) -m pipelines.report
 
-test: install
+test: install peers
 	$(PY) -m pytest -q
 
 clean-checkpoints:
