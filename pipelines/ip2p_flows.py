@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from .artifacts import grid_data_uri
-from .dvc_tasks import dag_order, reproduce, stage_is_current, stream_command
+from .dvc_tasks import dag_order, dvc_command, dvc_env, reproduce, stage_is_current, stream_command, stream_dvc
 
 DATASET = "data/ip2p/dataset"
 MODEL = Path("models/ip2p")
@@ -68,6 +68,19 @@ def publish_eval(repo: Path) -> None:
     create_markdown_artifact(markdown=markdown, key="ip2p-eval-report", description="InstructPix2Pix evaluation")
 
 
+@task(name="push-ip2p-dataset", retries=2, retry_delay_seconds=10, cache_policy=NONE)
+def push_dataset(repo: Path) -> bool:
+    """`dvc push` of the published dataset to the default remote; False when none is configured."""
+    import subprocess
+
+    remote = subprocess.run(dvc_command("remote", "default"), cwd=repo, env=dvc_env(), capture_output=True, text=True)
+    if remote.returncode != 0 or not remote.stdout.strip():
+        get_run_logger().warning("no default DVC remote: %s not pushed (dvc remote add -d ...)", DATASET)
+        return False
+    stream_dvc(["push", "ip2p_dataset"], repo, "ip2p_dataset")
+    return True
+
+
 def _partitions(repo: Path, n_partitions: int | None) -> int:
     if n_partitions is not None:
         return n_partitions
@@ -77,8 +90,9 @@ def _partitions(repo: Path, n_partitions: int | None) -> int:
 
 @flow(name="ip2p-dataset")
 def dataset_flow(repo: str = ".", n_partitions: int | None = None) -> dict[str, str]:
-    """Build the published dataset and everything it needs; the pair shards are computed by
-    `n_partitions` parallel tasks (default: ip2p.pairs.n_partitions) before DVC records them."""
+    """Build the published dataset and everything it needs, and push it to the default DVC
+    remote; the pair shards are computed by `n_partitions` parallel tasks (default:
+    ip2p.pairs.n_partitions) before DVC records them."""
     root = Path(repo).resolve()
     order = dag_order(root, "ip2p_dataset")
     before = order[: order.index("ip2p_pairs")]
@@ -88,6 +102,7 @@ def dataset_flow(repo: str = ".", n_partitions: int | None = None) -> dict[str, 
         for future in [pairs_partition.submit(root, k, n) for k in range(n)]:
             future.result()
     outcome.update(reproduce(["ip2p_pairs", "ip2p_dataset"], root))
+    push_dataset(root)
     publish_dataset(root)
     return outcome
 

@@ -177,6 +177,8 @@ def test_retrain_only_when_the_dataset_changes(flow_repo):
 
     repo, _ = flow_repo
     assert retrain(str(repo)) == {"retrained": False, "dataset": dataset_versions(repo)[0]}
+    remote = repo.parent / "remote"
+    dvc(repo, "remote", "add", "-d", "local", str(remote))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["ip2p"]["captions"]["n"] = 8
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
@@ -187,6 +189,9 @@ def test_retrain_only_when_the_dataset_changes(flow_repo):
     assert len(list((repo / "data/ip2p/pairs").glob("shard-*/shard.json"))) == 4  # 8 edits, shards of 2
     assert dvc_status(repo) == {}
     assert retrain(str(repo))["retrained"] is False
+    pushed = dvc(repo, "status", "--cloud", "ip2p_dataset").stdout
+    assert "up to date" in pushed.lower() or "Cache and remote 'local' are in sync" in pushed, pushed
+    assert any(remote.rglob("*"))
 
 
 def test_retrain_deployment_has_a_cron_schedule(flow_repo):
