@@ -102,7 +102,19 @@ def summary(repo: Path) -> str:
             lines.append(f"    {method:<16} reconstruction {_fmt(o.get('recon_psnr'))} dB, background "
                          f"{_fmt(o.get('bg_psnr'))} dB, success {_pct(o.get('success'))}, "
                          f"{_fmt(o.get('invert_seconds'))} + {_fmt(o.get('edit_seconds'))} s per case")
+    if "ip2p_eval" in metrics:
+        ev = metrics["ip2p_eval"]
+        scale = ev.get("default_image_guidance")
+        at = ev.get("per_image_guidance", {}).get(str(scale), {})
+        still = ev.get("unchanged_input_baseline", {})
+        lines.append(f"  InstructPix2Pix ({ev.get('n_cases', '?')} held-out edits, image guidance {scale}): success "
+                     f"{_pct(at.get('success'))} (input unchanged: {_pct(still.get('success'))}), PSNR to truth "
+                     f"{_fmt(at.get('gt_psnr'))} dB, directional CLIP {_fmt(at.get('clip_direction'))}, "
+                     f"CLIP-I {_fmt(at.get('clip_image'))}; model: models/ip2p")
     for name, m in metrics.items():
+        if name == "ip2p_eval":
+            lines.append(f"  metrics/{name}.json: per image-guidance scale and edit kind; curve in plots/ip2p_tradeoff.csv")
+            continue
         if name == "edit_benchmark":
             lines.append(f"  metrics/{name}.json: per edit type in `python -m pipelines.report --edit-table`")
             continue

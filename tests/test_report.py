@@ -49,3 +49,15 @@ def test_summary_gives_one_line_per_inversion(tmp_path):
     assert "edit benchmark (2 cases, complete: True):" in text
     assert [line.split()[0] for line in text.splitlines() if "dB, background" in line] == ["ddim", "null-text"]
     assert "--edit-table" in text and "inversions.ddim" not in text
+
+
+def test_summary_reports_instruct_pix2pix_at_the_default_scale(tmp_path):
+    scores = {"success": 0.5, "gt_psnr": 20.0, "clip_direction": 0.4, "clip_image": 0.7, "clip_text_output": 0.8}
+    ev = {"n_cases": 7, "default_image_guidance": 1.5, "per_image_guidance": {"1.0": {**scores, "success": 0.1},
+                                                                            "1.5": scores},
+          "unchanged_input_baseline": {**scores, "success": 0.0}, "per_kind_at_default": {"time": scores}}
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "ip2p_eval.json").write_text(json.dumps(ev))
+    text = summary(tmp_path)
+    assert "InstructPix2Pix (7 held-out edits, image guidance 1.5): success 50" in text
+    assert "input unchanged: 0" in text and "per_kind_at_default" not in text
