@@ -27,9 +27,9 @@ PLOT = Path("plots/ip2p_finetune_loss.csv")
 
 def load_pairs(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(input images, edited images, instructions) of a dataset with the diffusers example's columns."""
-    import datasets
+    from manip.ip2p.dataset import load_published
 
-    ds = datasets.load_dataset(str(require(folder / "README.md", "ip2p_dataset").parent), split="train")
+    ds = load_published(require(folder / "README.md", "ip2p_dataset").parent)
     missing = {"input_image", "edit_prompt", "edited_image"} - set(ds.column_names)
     if missing:
         raise StageInputError(f"dataset {folder} lacks the columns {sorted(missing)}")

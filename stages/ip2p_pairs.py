@@ -48,7 +48,8 @@ def run(params: Params, partition: int | None = None, n_partitions: int | None =
     pipe.set_progress_bar_config(disable=True)
     scorer = ClipScorer(require(CLIP / "config.json", "evaluator").parent)
     n_partitions = n_partitions or p.n_partitions
-    summary = run_shards(pipe, scorer, edits, params.seed, pair_settings(p), PAIRS, p.shard_size, n_partitions,
+    settings = pair_settings(p)
+    summary = run_shards(pipe, scorer, edits, params.seed, settings, PAIRS, p.shard_size, n_partitions,
                          partition, progress)
     print(f"{summary.computed} shards computed in this run, {summary.reused} reused")
     if partition is not None:
@@ -57,10 +58,11 @@ def run(params: Params, partition: int | None = None, n_partitions: int | None =
     for stale in PAIRS.glob("shard-*"):  # shards of an earlier, longer edit list
         if stale.name not in planned:
             shutil.rmtree(stale)
-    tries = [t for path in summary.shards for t in read_shard(path)[2]]
-    kept = [k for path in summary.shards for k in read_shard(path)[1]]
+    shards = [read_shard(path) for path in summary.shards]
+    tries = [t for _, _, shard_tries in shards for t in shard_tries]
+    kept = [k for _, shard_kept, _ in shards for k in shard_kept]
     report = filter_report(tries, len(edits), kept)
-    return write_metrics(METRICS, {**report, "thresholds": asdict(pair_settings(p).thresholds),
+    return write_metrics(METRICS, {**report, "thresholds": asdict(settings.thresholds),
                                    "profile": p.filter.profile, "shards": len(summary.shards),
                                    "unet_images": 2 * len(tries)})
 

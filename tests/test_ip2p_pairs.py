@@ -143,3 +143,19 @@ def test_published_dataset_loads_and_is_reproducible(pipe, scorer, tmp_path):
     assert first["edit_prompt"] == EDITS[0].edit and first["input_image"].size == (64, 64)
     assert np.array_equal(np.asarray(first["edited_image"]), shards[0][0][0][1])
     assert Path(tmp_path / "a" / "README.md").read_text() == "card"
+
+
+def test_load_published_is_not_fooled_by_the_datasets_cache(pipe, scorer, tmp_path, monkeypatch):
+    """Two projects with the same relative dataset path: each reads its own rows."""
+    from manip.ip2p.dataset import load_published
+
+    work = tmp_path / "work"
+    run_shards(pipe, scorer, EDITS, 0, settings(), work, shard_size=3, progress=False)
+    pairs, kept, _ = read_shard(work / "shard-00000")
+    rows = rows_from_shards([(pairs, kept)], {e.id: e for e in EDITS})
+    for name, n in (("one", 2), ("two", 5)):
+        project = tmp_path / name
+        write_dataset(project / "data/ip2p/dataset", rows[:n], "card")
+        monkeypatch.chdir(project)
+        ds = load_published("data/ip2p/dataset")
+        assert len(ds) == n and ds[0]["edit_prompt"] == EDITS[0].edit

@@ -114,6 +114,22 @@ Rejections (a candidate can fail for several reasons):
 """
 
 
+def load_published(folder: str | Path):
+    """The dataset in `folder` as a `datasets.Dataset`, read straight from its Parquet files.
+
+    `datasets.load_dataset(folder)` caches by the folder's name and its data-file pattern, so two
+    projects' `data/ip2p/dataset` (same relative path, same layout) share one cache entry and the
+    second silently gets the first one's rows; reading the files directly has no cache to go stale."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(folder) / "data").glob("train-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no data/train-*.parquet under {folder}")
+    return datasets.Dataset(pa.concat_tables([pq.read_table(f) for f in files]))
+
+
 def write_dataset(out_dir: Path, rows: list[dict], card: str, rows_per_file: int = 2000) -> None:
     """Parquet files under `data/` and the card, published as one folder replacing any previous one."""
     import datasets
