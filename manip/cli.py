@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
     from manip.editing.images import load_image
     from manip.editing.inversion import Inversion, invert
     from manip.editing.p2p import P2PConfig, PromptToPrompt
-    from manip.runtime import set_threads
+    from manip.runtime import device, set_threads
     from manip.sampling import check_prompts
 
     set_threads()
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(device())
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     image, notes = load_image(args.image, size)
     prompts = [args.source, *getattr(args, "target", [])]

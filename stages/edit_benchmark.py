@@ -18,7 +18,7 @@ from pathlib import Path
 
 from manip.editing.benchmark import (KINDS, BenchmarkSettings, EditBenchmark, aggregate, build_cases, cases_csv,
                                      edit_grid)
-from manip.runtime import set_threads
+from manip.runtime import device, set_threads
 from manip.training.checkpoint import atomic_write
 
 from ._runner import main
@@ -54,8 +54,9 @@ def run(params: Params, progress: bool = True) -> dict:
     require(TEST / "images.npy", "world")
     pipe = StableDiffusionPipeline.from_pretrained(BASE, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    scorer = ClipScorer(CLIP)
-    judge = AttributeJudge.from_pretrained(JUDGE).eval()
+    pipe.to(device())
+    scorer = ClipScorer(CLIP, device=device())
+    judge = AttributeJudge.from_pretrained(JUDGE).eval().to(device())
     renderer = Renderer(Artwork(params.world.artwork_dir), params.world.size)
     test = load_split(TEST)
 

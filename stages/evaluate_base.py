@@ -25,7 +25,7 @@ from manip.metrics.clip_scores import ClipScorer
 from manip.metrics.judge import AttributeJudge, attribute_hits, embeddings, predict
 from manip.metrics.kid import kid
 from manip.sampling import generate
-from manip.runtime import set_threads
+from manip.runtime import device, set_threads
 from manip.training.checkpoint import atomic_write
 from manip.training.images import psnr
 from manip.training.vae import reconstruct
@@ -67,8 +67,9 @@ def run(params: Params) -> dict:
     require(BASE / "model_index.json", "unet")
     pipe = StableDiffusionPipeline.from_pretrained(BASE, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    judge = AttributeJudge.from_pretrained(require(JUDGE, "evaluator")).eval()
-    scorer = ClipScorer(CLIP)
+    pipe.to(device())
+    judge = AttributeJudge.from_pretrained(require(JUDGE, "evaluator")).eval().to(device())
+    scorer = ClipScorer(CLIP, device=device())
     test = load_split("data/world/test")
     n = min(e.n_captions, len(test))
     scenes, captions = test.scenes[:n], [c[0] for c in test.captions[:n]]

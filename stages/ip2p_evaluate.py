@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from manip.ip2p import RulesEditor, world_captions
-from manip.runtime import set_threads
+from manip.runtime import device, set_threads
 from manip.training.checkpoint import atomic_write
 
 from ._runner import main
@@ -44,8 +44,9 @@ def run(params: Params, progress: bool = True) -> dict:
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(model, safety_checker=None,
                                                                   requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    scorer = ClipScorer(require(CLIP / "config.json", "evaluator").parent)
-    judge = AttributeJudge.from_pretrained(require(JUDGE / "config.json", "evaluator").parent).eval()
+    pipe.to(device())
+    scorer = ClipScorer(require(CLIP / "config.json", "evaluator").parent, device=device())
+    judge = AttributeJudge.from_pretrained(require(JUDGE / "config.json", "evaluator").parent).eval().to(device())
     renderer = Renderer(Artwork(params.world.artwork_dir), params.world.size)
     captions = world_captions(load_split(require(TEST, "world")).scenes, params.seed, e.n_cases, prefix="test")
     edits, _ = RulesEditor(params.seed).edit_all(captions, balanced=True)

@@ -52,16 +52,18 @@ def run(params: Params) -> dict | None:
 
     from manip.ip2p.finetune import DropoutSettings, encode_pairs, finetune, instruct_pipeline, widen_conv_in
     from manip.models.schedulers import training_scheduler
+    from manip.runtime import device
 
     f = params.ip2p.finetune
-    # Without CUDA, processes started by torchrun form a gloo (CPU) group.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # On the CPU, processes started by torchrun form a gloo group.
+    accelerator = Accelerator(cpu=device().type == "cpu")
     torch.manual_seed(params.seed)
     base = StableDiffusionPipeline.from_pretrained(require(BASE / "model_index.json", "unet").parent,
                                                    safety_checker=None, requires_safety_checker=False)
+    base.to(accelerator.device)
     inputs, edited, prompts = load_pairs(DATASET)
-    data = encode_pairs(base.vae, base.text_encoder, base.tokenizer, inputs, edited, prompts).to(accelerator.device)
-    unet = widen_conv_in(base.unet).to(accelerator.device)
+    data = encode_pairs(base.vae, base.text_encoder, base.tokenizer, inputs, edited, prompts)
+    unet = widen_conv_in(base.unet)
     dropout = DropoutSettings(f.text_drop, f.image_drop, f.both_drop)
     # The data's identity, not the process count: a run may resume with more or fewer processes.
     fp = {**fingerprint(f, params.seed), "dataset": dataset_digest(DATASET)}
@@ -72,7 +74,7 @@ def run(params: Params) -> dict | None:
         raise StageInputError(str(err)) from None
     if not accelerator.is_main_process:
         return None
-    save_pretrained(OUT, instruct_pipeline(base, result.model.to("cpu")))
+    save_pretrained(OUT, instruct_pipeline(base.to("cpu"), result.model.to("cpu")))
     metrics = {"pairs": len(data), "instructions": len(data.prompts), "steps": f.train.steps,
                "batch_size": f.train.batch_size, "processes": accelerator.num_processes,
                "final_loss": round(result.history[-1]["loss"], 5), "train_seconds": result.seconds}

@@ -15,7 +15,7 @@ from pathlib import Path
 from manip.ip2p.clip_filter import PROFILES
 from manip.ip2p.dataset import filter_report
 from manip.ip2p.pairs import PairSettings
-from manip.runtime import set_threads
+from manip.runtime import device, set_threads
 
 from ._runner import main
 from .common import require
@@ -46,7 +46,8 @@ def run(params: Params, partition: int | None = None, n_partitions: int | None =
     pipe = StableDiffusionPipeline.from_pretrained(require(BASE / "model_index.json", "unet").parent,
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    scorer = ClipScorer(require(CLIP / "config.json", "evaluator").parent)
+    pipe.to(device())
+    scorer = ClipScorer(require(CLIP / "config.json", "evaluator").parent, device=device())
     n_partitions = n_partitions or p.n_partitions
     settings = pair_settings(p)
     summary = run_shards(pipe, scorer, edits, params.seed, settings, PAIRS, p.shard_size, n_partitions,

@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from manip.models.factory import make_unet
+from manip.runtime import device
 from manip.models.schedulers import sampling_scheduler, training_scheduler
 from manip.training.unet import encode_latents, train_unet
 from manip.world.dataset import load_split
@@ -36,7 +37,7 @@ def cached_latents(vae: AutoencoderKL, images, path: Path) -> torch.Tensor:
     latents = encode_latents(vae, images)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({"latents": latents.contiguous()}, str(tmp), metadata={"vae": key, "n": str(len(images))})
+    save_file({"latents": latents.cpu().contiguous()}, str(tmp), metadata={"vae": key, "n": str(len(images))})
     tmp.replace(path)
     return latents
 
@@ -44,17 +45,18 @@ def cached_latents(vae: AutoencoderKL, images, path: Path) -> torch.Tensor:
 def run(params: Params) -> dict:
     p = params.unet
     torch.manual_seed(params.seed)
-    vae = AutoencoderKL.from_pretrained(require(BASE / "vae", "vae")).eval()
-    text_encoder = CLIPTextModel.from_pretrained(require(BASE / "text_encoder", "text_encoder")).eval()
+    vae = AutoencoderKL.from_pretrained(require(BASE / "vae", "vae")).eval().to(device())
+    text_encoder = CLIPTextModel.from_pretrained(require(BASE / "text_encoder", "text_encoder")).eval().to(device())
     tokenizer = CLIPTokenizer.from_pretrained(require(BASE / "tokenizer", "text_encoder"))
     train_split = load_split("data/world/train")
-    latents = cached_latents(vae, train_split.images, CKPT / "latents.safetensors")
+    latents = cached_latents(vae, train_split.images, CKPT / "latents.safetensors").to(device())
     unet = make_unet(p.block_out_channels, p.layers_per_block, p.attention_head_dim,
-                     text_encoder.config.hidden_size, vae.config.latent_channels, latents.shape[-1])
+                     text_encoder.config.hidden_size, vae.config.latent_channels, latents.shape[-1]).to(device())
     result = train_unet(unet, training_scheduler(), text_encoder, tokenizer, latents, train_split.captions,
                         loop_config(p.train), p.train.batch_size, p.uncond_prob, params.seed, CKPT, fingerprint(p, params.seed))
     scheduler = sampling_scheduler()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=result.model,
+    vae, text_encoder, unet = vae.cpu(), text_encoder.cpu(), result.model.cpu()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     save_pretrained(BASE / "unet", result.model)

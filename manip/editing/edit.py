@@ -27,12 +27,12 @@ def _p2p(pipe: StableDiffusionPipeline, x_T: torch.Tensor, groups: Sequence[Sequ
     `guidance_scale` holds one scale per group. `record` receives the attention as edited, for
     heatmaps."""
     guided = uncond is not None and guides(guidance_scale)
-    controller = PromptToPrompt(pipe.tokenizer, groups, steps, configs, guided=guided)
+    controller = PromptToPrompt(pipe.tokenizer, groups, steps, configs, guided=guided).to(pipe.unet.device)
     size = controller.group_size
     if torch.is_tensor(guidance_scale):
         guidance_scale = guidance_scale.repeat_interleave(size)
     cond = encode_prompts(pipe, [p for g in groups for p in g])
-    latents = x_T.repeat_interleave(size, 0)
+    latents = x_T.to(pipe.unet.device).repeat_interleave(size, 0)
 
     def hook(probs, call):
         probs = controller(probs, call)
@@ -63,7 +63,8 @@ def edit_inverted_batch(pipe: StableDiffusionPipeline, inversions: Sequence[Inve
                              f"{(first.method, first.steps, first.guidance_scale)}")
     groups = [[inv.prompt, *t] for inv, t in zip(inversions, targets)]
     size = len(groups[0])
-    uncond = [torch.stack([inv.uncond[i] for inv in inversions]).repeat_interleave(size, 0)
+    device = pipe.unet.device
+    uncond = [torch.stack([inv.uncond[i] for inv in inversions]).to(device).repeat_interleave(size, 0)
               for i in range(first.steps)]
     hooks = [DirectInversionHook(inversions, size)] if first.method == "direct" else []
     x_T = torch.cat([inv.x_T for inv in inversions])

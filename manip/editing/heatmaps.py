@@ -19,7 +19,7 @@ LABEL_HEIGHT = 12
 
 def word_maps(store: AttentionStore, tokenizer, prompts: Sequence[str], size: int) -> list[list[tuple[str, np.ndarray]]]:
     """For each prompt, (word, map in [0, 1] of shape (size, size)) for every word, in order."""
-    maps = store.token_map(size).numpy()  # (batch, size, size, K)
+    maps = store.token_map(size).cpu().numpy()  # (batch, size, size, K)
     if len(maps) != len(prompts):
         raise ValueError(f"the store holds maps of {len(maps)} prompts, got {len(prompts)} prompts")
     out = []

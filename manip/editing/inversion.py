@@ -203,7 +203,7 @@ def null_text_optimise(pipe: StableDiffusionPipeline, trajectory: torch.Tensor, 
             # The reference's 1 - i/100 decay, stretched past 50 steps so that it never goes
             # negative (Adam refuses a negative rate: null-text with > 101 steps used to crash).
             opt = torch.optim.Adam([u], lr=lr * (1.0 - i / max(100, 2 * steps)))
-            running = torch.ones(len(x), dtype=torch.bool)
+            running = torch.ones(len(x), dtype=torch.bool, device=x.device)
             for _ in range(inner_steps):
                 x_prev = ddim_jump(x, _guided_eps(pipe, x, t, cond_eps, u, guidance, a_t, ptype), a_t, a_prev)
                 losses = (x_prev - target).pow(2).flatten(1).mean(1)
@@ -256,7 +256,7 @@ def invert_batch(pipe: StableDiffusionPipeline, images: Sequence[np.ndarray], pr
     seconds = round((time.perf_counter() - started) / len(images), 3)
     mid = model_id(pipe)
     return [Inversion(method=method, prompt=p, steps=steps, guidance_scale=guidance_scale,
-                      trajectory=trajectory[:, b].contiguous(), uncond=uncond[:, b].contiguous(), model=mid,
+                      trajectory=trajectory[:, b].cpu().contiguous(), uncond=uncond[:, b].cpu().contiguous(), model=mid,
                       size=images[b].shape[0], seconds=seconds)
             for b, p in enumerate(prompts)]
 
@@ -281,6 +281,6 @@ class DirectInversionHook:
         pass
 
     def end_step(self, step: int, latents: torch.Tensor) -> torch.Tensor:
-        src = self.trajectory[self.steps - step - 1].to(latents.dtype)
+        src = self.trajectory[self.steps - step - 1].to(latents)
         grouped = latents.reshape(-1, self.group_size, *latents.shape[1:])
         return torch.cat([src[:, None], grouped[:, 1:]], 1).reshape(latents.shape)

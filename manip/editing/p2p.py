@@ -100,6 +100,11 @@ class LocalBlend:
                 self.alphas[g, j, [i for w in tgt_words for i in spans.tokens_of(w)]] = 1.0
         self.store = AttentionStore(guided)
 
+    def to(self, device: torch.device) -> "LocalBlend":
+        for name in ("src_alpha", "alphas", "active", "threshold", "start"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def begin_step(self, step: int) -> None:
         pass
 
@@ -154,6 +159,14 @@ class PromptToPrompt:
                                       for g, c in zip(groups, configs)])  # (G, n, K)
         self.blend = (LocalBlend(tokenizer, groups, configs, steps, guided)
                       if any(c.blend_words is not None for c in configs) else None)
+
+    def to(self, device: torch.device) -> "PromptToPrompt":
+        """The per-group schedules and token maps, built on the CPU, moved to the UNet's device."""
+        for name in ("cross_steps", "self_steps", "self_max_pixels", "mapper", "alpha", "equalizer"):
+            setattr(self, name, getattr(self, name).to(device))
+        if self.blend:
+            self.blend.to(device)
+        return self
 
     def begin_step(self, step: int) -> None:
         self.step = step

@@ -43,7 +43,8 @@ def widen_conv_in(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     returns the UNet."""
     old = unet.conv_in
     extra = old.in_channels
-    new = torch.nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding)
+    new = torch.nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding,
+                          device=old.weight.device, dtype=old.weight.dtype)
     with torch.no_grad():
         new.weight.zero_()
         new.weight[:, : old.in_channels].copy_(old.weight)
@@ -74,8 +75,8 @@ def encode_pairs(vae: AutoencoderKL, text_encoder, tokenizer, inputs: np.ndarray
                  instructions: Sequence[str], batch: int = 64) -> PairTensors:
     sources, means, stds = [], [], []
     for i in range(0, len(inputs), batch):
-        sources.append(vae.encode(to_tensor(inputs[i : i + batch])).latent_dist.mode())
-        dist = vae.encode(to_tensor(edited[i : i + batch])).latent_dist
+        sources.append(vae.encode(to_tensor(inputs[i : i + batch]).to(vae.device)).latent_dist.mode())
+        dist = vae.encode(to_tensor(edited[i : i + batch]).to(vae.device)).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
     scale = vae.config.scaling_factor
@@ -83,7 +84,7 @@ def encode_pairs(vae: AutoencoderKL, text_encoder, tokenizer, inputs: np.ndarray
     index = {p: i for i, p in enumerate(distinct)}
     return PairTensors(
         source=torch.cat(sources), target_mean=torch.cat(means) * scale, target_std=torch.cat(stds) * scale,
-        prompt_index=torch.tensor([index[p] for p in instructions]),
+        prompt_index=torch.tensor([index[p] for p in instructions], device=vae.device),
         prompts=torch.cat([encode_text(text_encoder, tokenizer, distinct[i : i + 256]) for i in range(0, len(distinct), 256)]),
         null=encode_text(text_encoder, tokenizer, [""])[0])
 
@@ -93,12 +94,13 @@ def ip2p_loss(unet, scheduler: DDPMScheduler, data: PairTensors, batch_size: int
     """The loss of step `step`: the batch, the dropout draws, the latent samples, noise and
     timesteps all come from (seed, step), for the whole batch, whatever the number of processes."""
     rng = batch_rng(seed, step)
-    idx = torch.from_numpy(np.sort(rng.choice(len(data), batch_size, replace=False)))
-    u = torch.from_numpy(rng.random(batch_size)).float()
+    device = data.source.device
+    idx = torch.from_numpy(np.sort(rng.choice(len(data), batch_size, replace=False))).to(device)
+    u = torch.from_numpy(rng.random(batch_size)).float().to(device)
     drop_text = u < dropout.text + dropout.both
     drop_image = (u >= dropout.text) & (u < dropout.text + dropout.both + dropout.image)
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    noise = torch.randn(data.target_mean[idx].shape, generator=gen).to(data.source.device)
+    noise = torch.randn(data.target_mean[idx].shape, generator=gen).to(device)
     latents = data.target_mean[idx] + data.target_std[idx] * noise
     context = torch.where(drop_text[:, None, None], data.null, data.prompts[data.prompt_index[idx]])
     image = data.source[idx] * (~drop_image).float()[:, None, None, None]

@@ -21,12 +21,12 @@ def projected(out) -> torch.Tensor:
 
 
 class ClipScorer:
-    def __init__(self, path: str | Path, batch_size: int = 128):
+    def __init__(self, path: str | Path, batch_size: int = 128, device: torch.device | str = "cpu"):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no CLIP checkpoint at {path}: build it with `dvc repro evaluator` "
                                     "or pass the folder of a local CLIP model")
-        self.model = CLIPModel.from_pretrained(path).eval()
+        self.model = CLIPModel.from_pretrained(path).eval().to(device)
         self.processor = AutoProcessor.from_pretrained(path)
         self.batch_size = batch_size
 
@@ -36,8 +36,8 @@ class ClipScorer:
         feats = []
         for i in range(0, len(images), self.batch_size):
             batch = [np.asarray(im) for im in images[i : i + self.batch_size]]
-            pixels = self.processor(images=batch, return_tensors="pt").pixel_values
-            feats.append(projected(self.model.get_image_features(pixel_values=pixels)))
+            pixels = self.processor(images=batch, return_tensors="pt").pixel_values.to(self.model.device)
+            feats.append(projected(self.model.get_image_features(pixel_values=pixels)).cpu())
         return F.normalize(torch.cat(feats).float(), dim=-1)
 
     @torch.inference_mode()
@@ -46,8 +46,9 @@ class ClipScorer:
         for i in range(0, len(texts), self.batch_size):
             ids = self.processor(text=list(texts[i : i + self.batch_size]), padding=True, truncation=True,
                                  return_tensors="pt")
+            ids = ids.to(self.model.device)
             feats.append(projected(self.model.get_text_features(input_ids=ids.input_ids,
-                                                             attention_mask=ids.attention_mask)))
+                                                             attention_mask=ids.attention_mask)).cpu())
         return F.normalize(torch.cat(feats).float(), dim=-1)
 
     def clip_t(self, images: np.ndarray, texts: Sequence[str]) -> np.ndarray:

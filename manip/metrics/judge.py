@@ -85,8 +85,8 @@ def predict(judge: AttributeJudge, images: np.ndarray, batch: int = 256) -> dict
     judge.eval()
     outs: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(images), batch):
-        for k, v in judge(to_tensor(images[i : i + batch])).items():
-            outs.setdefault(k, []).append(v.argmax(-1).numpy())
+        for k, v in judge(to_tensor(images[i : i + batch]).to(judge.device)).items():
+            outs.setdefault(k, []).append(v.argmax(-1).cpu().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
@@ -94,7 +94,7 @@ def predict(judge: AttributeJudge, images: np.ndarray, batch: int = 256) -> dict
 def embeddings(judge: AttributeJudge, images: np.ndarray, batch: int = 256) -> np.ndarray:
     """`AttributeJudge.embed` of uint8 NHWC images, (N, D)."""
     judge.eval()
-    return np.concatenate([judge.embed(to_tensor(images[i : i + batch])).numpy()
+    return np.concatenate([judge.embed(to_tensor(images[i : i + batch]).to(judge.device)).cpu().numpy()
                            for i in range(0, len(images), batch)])
 
 

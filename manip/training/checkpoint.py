@@ -65,7 +65,7 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for pid, st in state["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"opt.{pid}.{k}"] = v.contiguous()
+                tensors[f"opt.{pid}.{k}"] = v.cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[k] = v
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -88,7 +88,7 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
         for k, v in module.state_dict().items():
-            tensors[f"{name}.{k}"] = v.detach().contiguous().clone()
+            tensors[f"{name}.{k}"] = v.detach().cpu().contiguous().clone()
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     tensors.update(opt_tensors)
     tmp = staging_dir(directory)

@@ -17,7 +17,8 @@ from .loop import LoopConfig, TrainResult, train
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 128) -> torch.Tensor:
     """Posterior means scaled by the VAE's scaling factor, computed once for the whole set."""
-    out = [vae.encode(to_tensor(images[i : i + batch])).latent_dist.mode() for i in range(0, len(images), batch)]
+    out = [vae.encode(to_tensor(images[i : i + batch]).to(vae.device)).latent_dist.mode()
+           for i in range(0, len(images), batch)]
     return torch.cat(out) * vae.config.scaling_factor
 
 
@@ -25,11 +26,11 @@ def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 128) -> 
 def encode_text(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
-    return text_encoder(ids)[0]
+    return text_encoder(ids.to(text_encoder.device))[0]
 
 
 def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
-    alphas = scheduler.alphas_cumprod[t]
+    alphas = scheduler.alphas_cumprod.to(t.device)[t]
     snr = alphas / (1 - alphas)
     w = torch.clamp(snr, max=gamma) / snr
     return w if scheduler.config.prediction_type == "epsilon" else w * snr / (snr + 1)

@@ -30,7 +30,7 @@ def reconstruct(vae: AutoencoderKL, images: np.ndarray, batch: int = 64) -> np.n
     """Encode to the posterior mode and decode: the ceiling any latent model can reach."""
     out = []
     for i in range(0, len(images), batch):
-        x = to_tensor(images[i : i + batch])
+        x = to_tensor(images[i : i + batch]).to(vae.device)
         out.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mode()).sample))
     return np.concatenate(out)
 
