@@ -21,7 +21,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 PEERS_VENV ?= .venv-peers
 PEERS_TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install artwork peers run test clean-checkpoints
+.PHONY: install artwork peers browser run test prefect-up prefect-down clean-checkpoints
 
 install: $(VENV)/.installed artwork
 
@@ -54,11 +54,24 @@ $(PEERS_VENV)/.installed: constraints.txt
 	$(PEERS_VENV)/bin/python -m pip install -q -c constraints.txt diffusers transformers accelerate datasets
 	touch $@
 
+# Debian's chromium for the browser test of the Prefect UI (Playwright drives it; no browser
+# download from a CDN).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+# The local Prefect server (127.0.0.1:4200, UI included), the cpu and gpu work pools and their
+# workers, and the deployments of prefect.yaml; prefect-down stops them.
+prefect-up: install
+	$(PY) -m pipelines.server up
+
+prefect-down:
+	$(PY) -m pipelines.server down
+
 run: install
 	$(VENV)/bin/dvc repro
 	$(PY) -m pipelines.report
 
-test: install peers
+test: install peers browser
 	$(PY) -m pytest -q
 
 clean-checkpoints:

@@ -3,7 +3,7 @@
 It runs every stage of dvc.yaml (or only `target` and what it needs), in DAG order read from
 dvc.yaml (so a stage added there is picked up), each through `dvc repro --single-item`; stages
 DVC reports as up to date are skipped. Then it publishes the results people look at as Prefect
-artifacts: `base-model-metrics` (table) and `base-model-report` (markdown with the sample grid
+artifacts: `build-stages` (table: what each stage did in this run), `base-model-metrics` (table) and `base-model-report` (markdown with the sample grid
 inline) from `evaluate_base`, `edit-benchmark` (table: inversion x edit type) and
 `edit-benchmark-report` (markdown with the edit grid) from `edit_benchmark`, and the InstructPix2Pix
 dataset card and evaluation (see pipelines/ip2p_flows.py).
@@ -30,6 +30,7 @@ METRICS_KEY = "base-model-metrics"
 REPORT_KEY = "base-model-report"
 EDIT_KEY = "edit-benchmark"
 EDIT_REPORT_KEY = "edit-benchmark-report"
+STAGES_KEY = "build-stages"
 
 
 def report_markdown(repo: Path, metrics: dict) -> str:
@@ -99,13 +100,21 @@ PUBLISHERS = {"evaluate_base": (BASE_METRICS, publish_base_report), "edit_benchm
 
 @flow(name="build")
 def build(repo: str = ".", target: str | None = None) -> dict[str, str]:
-    """Reproduce `target` and its upstream stages (default: every stage); returns
-    {stage: 'ran' | 'skipped'} in the order they were considered."""
+    """Reproduce `target` and its upstream stages through DVC; returns {stage: 'ran' | 'skipped'}
+    in the order they were considered.
+
+    Args:
+        repo: The project checkout to run in (a deployment runs in the worker's MANIP_REPO).
+        target: A dvc.yaml stage, e.g. `evaluate_base`, `edit_benchmark`, `ip2p_evaluate`;
+            empty for every stage.
+    """
     logger = get_run_logger()
     root = Path(repo).resolve()
     order = dag_order(root, target)
     logger.info("stages in DAG order: %s", " -> ".join(order))
     outcome = reproduce(order, root)
+    create_table_artifact(table=[{"stage": stage, "outcome": result} for stage, result in outcome.items()],
+                          key=STAGES_KEY, description=f"Stages of this run in DAG order ({root})")
     for stage, (metrics, publish) in PUBLISHERS.items():
         if stage in order and (root / metrics).is_file():
             publish(root)

@@ -4,6 +4,8 @@ Every stage runs as `dvc repro --single-item <stage>` in a subprocess with `cwd=
 records the stage in dvc.lock exactly as a workstation `dvc repro` would, so after a flow run
 `dvc status` is clean and vice versa. The DVC CLI in a subprocess is safe to call from Prefect
 worker threads; DVC's Python API (`dvc.repo.Repo`) is not thread-safe and changes the cwd.
+Stage tasks are cached by the content of the stage's inputs (pipelines/stage_cache.py), so a
+flow re-run with nothing new skips every stage without starting DVC.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from prefect import task
 from prefect.cache_policies import NONE
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
+
+from .stage_cache import dvc_paths, inputs_key, outputs_state, stage_spec
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 TAIL_LINES = 40
@@ -123,14 +127,21 @@ def _retry_on_io_error(task, task_run, state) -> bool:
     return False
 
 
+def _inputs_key(context, parameters: dict) -> str:
+    return inputs_key(Path(parameters["repo"]), parameters["stage"])
+
+
 @task(name="dvc-repro", task_run_name="repro {stage}", retries=2, retry_delay_seconds=5,
-      retry_condition_fn=_retry_on_io_error, cache_policy=NONE)
-def repro_stage(stage: str, repo: Path) -> str:
-    """`dvc repro --single-item <stage>` in `repo`; returns 'ran', or 'skipped' when DVC found the
-    stage unchanged ('ran' includes outputs DVC restored from its run-cache). Lock and I/O failures
-    are retried twice; a failing stage is not."""
+      retry_condition_fn=_retry_on_io_error, cache_key_fn=_inputs_key, persist_result=True,
+      result_serializer="json")
+def repro_stage(stage: str, repo: Path) -> dict:
+    """`dvc repro --single-item <stage>` in `repo`. Returns {"status": 'ran' | 'skipped', **the
+    stage's outputs state}; 'ran' includes outputs DVC restored from its run-cache. Cached by the
+    content of the stage's inputs (see stage_cache). Lock and I/O failures are retried twice; a
+    failing stage is not."""
     out = stream_dvc(["repro", "--single-item", stage], Path(repo), stage)
-    return "skipped" if any("didn't change, skipping" in line for line in out) else "ran"
+    status = "skipped" if any("didn't change, skipping" in line for line in out) else "ran"
+    return {"status": status, **outputs_state(Path(repo), stage)}
 
 
 def stage_status(stage: str, repo: Path) -> dict:
@@ -148,28 +159,34 @@ def stage_is_current(stage: str, repo: Path) -> bool:
     return not stage_status(stage, Path(repo))
 
 
+def is_gpu_stage(repo: Path, stage: str) -> bool:
+    """dvc.yaml marks the stages that use a GPU with `meta: {gpu: true}`."""
+    return bool((stage_spec(Path(repo), stage).get("meta") or {}).get("gpu"))
+
+
 def reproduce(stages: Iterable[str], repo: Path) -> dict[str, str]:
-    """Each stage in turn, skipped when DVC reports it up to date; {stage: 'ran' | 'skipped'}."""
+    """Each stage in turn; {stage: 'ran' | 'skipped'}. A stage whose inputs' content key was
+    seen before is skipped without asking DVC, provided its outputs and lock entry are still
+    what that run left; GPU stages run as `gpu`-tagged tasks, under that tag's concurrency limit."""
     log = _logger()
     outcome: dict[str, str] = {}
+    repo = Path(repo)
     for stage in stages:
-        if stage_is_current(stage, repo):
-            log.info("%s: up to date, skipped", stage)
-            outcome[stage] = "skipped"
-        else:
-            outcome[stage] = repro_stage(stage, repo)
+        runner = repro_stage.with_options(tags=["gpu"]) if is_gpu_stage(repo, stage) else repro_stage
+        state = runner(stage, repo, return_state=True)
+        result = state.result()
+        if state.name == "Cached":
+            if {k: result.get(k) for k in ("outs", "lock")} == outputs_state(repo, stage):
+                log.info("%s: inputs unchanged since a finished run (cached), skipped", stage)
+                outcome[stage] = "skipped"
+                continue
+            log.info("%s: cached outcome no longer matches its outputs or dvc.lock; running it", stage)
+            result = runner.with_options(refresh_cache=True)(stage, repo)
+        outcome[stage] = result["status"]
     return outcome
 
 
 # --- DAG order from dvc.yaml -------------------------------------------------------------------
-
-def _paths(entries: Iterable | None) -> list[str]:
-    """Paths of a deps/outs/metrics/plots list, whose items are `path` or `{path: options}`."""
-    paths = []
-    for e in entries or []:
-        paths.extend([e] if isinstance(e, str) else list(e))
-    return paths
-
 
 def _norm(wdir: str, path: str) -> PurePosixPath:
     return PurePosixPath(os.path.normpath(os.path.join(wdir, path)))
@@ -192,8 +209,8 @@ def dag_order(repo: str | Path, target: str | None = None) -> list[str]:
     for name, s in stages.items():
         wdir = s.get("wdir", ".") if isinstance(s, dict) else "."
         body = s.get("do", s) if isinstance(s, dict) else {}
-        outs[name] = [_norm(wdir, p) for key in ("outs", "metrics", "plots") for p in _paths(body.get(key))]
-        deps[name] = [_norm(wdir, p) for p in _paths(body.get("deps"))]
+        outs[name] = [_norm(wdir, p) for key in ("outs", "metrics", "plots") for p in dvc_paths(body.get(key))]
+        deps[name] = [_norm(wdir, p) for p in dvc_paths(body.get("deps"))]
     upstream = {n: [m for m in stages if m != n and any(_overlap(d, o) for d in deps[n] for o in outs[m])]
                 for n in stages}
     if target is not None:

@@ -5,8 +5,8 @@ retrains only when the published dataset version differs from the one the curren
 trained on.
 
 Every stage is the DVC stage of dvc.yaml, run through `dvc repro`, so `dvc status` agrees with
-the flows. Image-heavy tasks carry the `gpu` tag: give it a concurrency limit
-(`prefect concurrency-limit create gpu 2`) and run these flows' deployments on the GPU pool.
+the flows. Image-heavy tasks carry the `gpu` tag, whose concurrency limit `pipelines.server up`
+sets to the number of GPUs; prefect.yaml deploys these flows to the `gpu` pool.
 
     python -m pipelines.ip2p_flows dataset|train|retrain [REPO] [N_PARTITIONS]
 """
@@ -91,8 +91,13 @@ def _partitions(repo: Path, n_partitions: int | None) -> int:
 @flow(name="ip2p-dataset")
 def dataset_flow(repo: str = ".", n_partitions: int | None = None) -> dict[str, str]:
     """Build the published dataset and everything it needs, and push it to the default DVC
-    remote; the pair shards are computed by `n_partitions` parallel tasks (default:
-    ip2p.pairs.n_partitions) before DVC records them."""
+    remote; the pair shards are computed by parallel partition tasks before DVC records them.
+
+    Args:
+        repo: The project checkout to run in.
+        n_partitions: Parallel partitions of the paired-image synthesis; empty for
+            params.yaml's ip2p.pairs.n_partitions.
+    """
     root = Path(repo).resolve()
     order = dag_order(root, "ip2p_dataset")
     before = order[: order.index("ip2p_pairs")]
@@ -109,6 +114,11 @@ def dataset_flow(repo: str = ".", n_partitions: int | None = None) -> dict[str, 
 
 @flow(name="ip2p-train")
 def train_flow(repo: str = ".") -> dict[str, str]:
+    """Fine-tune on the published dataset and evaluate.
+
+    Args:
+        repo: The project checkout to run in.
+    """
     root = Path(repo).resolve()
     outcome = reproduce(["ip2p_finetune", "ip2p_evaluate"], root)
     publish_eval(root)
@@ -131,7 +141,12 @@ def dataset_versions(repo: Path) -> tuple[str | None, str | None]:
 
 @flow(name="ip2p-retrain")
 def retrain(repo: str = ".", n_partitions: int | None = None) -> dict:
-    """What the schedule runs: refresh the dataset, then retrain only if its version moved."""
+    """What the schedule runs: refresh the dataset, then retrain only if its version moved.
+
+    Args:
+        repo: The project checkout to run in.
+        n_partitions: Parallel partitions of the paired-image synthesis; empty for params.yaml's.
+    """
     log = get_run_logger()
     root = Path(repo).resolve()
     dataset_flow(repo, n_partitions)

@@ -25,7 +25,7 @@ STAGES = ["world", "text_encoder", "vae", "unet", "evaluator", "evaluate_base", 
           "ip2p_evaluate"]
 
 COPY_DIRS = ("manip", "stages", "pipelines")
-COPY_FILES = ("dvc.yaml", ".dvcignore", ".gitignore")
+COPY_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", "prefect.yaml")
 
 
 def tool_env() -> dict[str, str]:

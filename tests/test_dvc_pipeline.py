@@ -1,13 +1,16 @@
 """End to end through the real DVC CLI on the tiny profile, in a temporary git + DVC repo:
 the whole DAG reproduces, a second `dvc repro` has nothing to do, the result loads with plain
-diffusers, and data/world round-trips through a local remote byte for byte."""
+diffusers, data/world round-trips through a local remote byte for byte, a fresh clone pulls every
+output from the remote, and `dvc exp run -S` sweeps a stage's parameter."""
 from __future__ import annotations
 
+import csv
+import io
 import shutil
 
 import pytest
 
-from repo_fixtures import STAGES, dvc, dvc_status, make_repo, tree_digest
+from repo_fixtures import STAGES, dvc, dvc_status, git, make_repo, run, tree_digest
 
 pytestmark = pytest.mark.slow
 
@@ -76,3 +79,34 @@ def test_push_pull_restores_world(built, tmp_path):
     dvc(repo, "pull")
     assert tree_digest(repo / "data" / "world") == before
     assert dvc_status(repo) == {}
+
+
+def test_fresh_clone_pulls_every_output(built, tmp_path):
+    repo, _ = built
+    dvc(repo, "remote", "add", "-d", "-f", "shared", str(tmp_path / "remote"))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "pipeline outputs and remote")
+    dvc(repo, "push")
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    dvc(clone, "pull")
+    assert dvc_status(clone) == {}
+    for path in ("data/world", "models/base", "models/clip", "data/ip2p/dataset"):
+        assert tree_digest(clone / path) == tree_digest(repo / path), path
+
+
+def test_experiment_sweep_of_a_stage_parameter(built, tmp_path):
+    """`dvc exp run -S` on one stage, then `dvc exp show`, `dvc metrics diff` and `dvc plots show`."""
+    repo, _ = built
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "baseline")
+    for n in (3, 4):
+        dvc(repo, "exp", "run", "-S", f"ip2p.captions.n={n}", "ip2p_captions")
+    table = list(csv.DictReader(io.StringIO(dvc(repo, "exp", "show", "--csv", "--no-pager").stdout)))
+    swept = {row["ip2p.captions.n"]: row for row in table if row.get("Experiment")}
+    assert {"3", "4"} <= set(swept), table
+    assert swept["3"]["captions"] == "3" and swept["4"]["captions"] == "4", swept
+    diff = dvc(repo, "metrics", "diff", "HEAD", "--md").stdout
+    assert "metrics/ip2p_captions.json" in diff and "captions" in diff, diff
+    dvc(repo, "plots", "show", "-o", str(tmp_path / "plots"))
+    assert (tmp_path / "plots" / "index.html").is_file()

@@ -99,11 +99,14 @@ def test_kill_9_during_pairs_then_rerun_is_byte_identical(reference, tiny_world,
 
 
 def test_partitions_fill_the_same_shards(reference, tiny_world, tmp_path):
+    """Three partitions on two worker processes at once produce the one-worker dataset."""
+    from concurrent.futures import ThreadPoolExecutor
+
     root = make_project(tmp_path / "project", tiny_world)
     for name in ("ip2p_captions", "ip2p_edits"):
         stage(root, name)
-    for k in (0, 1, 2):
-        stage(root, "ip2p_pairs", "--partition", str(k), "--n-partitions", "3")
+    with ThreadPoolExecutor(max_workers=2) as workers:
+        list(workers.map(lambda k: stage(root, "ip2p_pairs", "--partition", str(k), "--n-partitions", "3"), range(3)))
     assert "0 shards computed in this run, 8 reused" in stage(root, "ip2p_pairs").stdout
     assert tree_digest(root / "data/ip2p/pairs") == tree_digest(reference / "data/ip2p/pairs")
     bad = stage(root, "ip2p_pairs", "--partition", "3", "--n-partitions", "3", check=False)

@@ -194,18 +194,63 @@ def test_retrain_only_when_the_dataset_changes(flow_repo):
     assert any(remote.rglob("*"))
 
 
-def test_retrain_deployment_has_a_cron_schedule(flow_repo):
+def test_gpu_stages_run_as_gpu_tagged_tasks(flow_repo):
+    """dvc.yaml's `meta: {gpu: true}` stages are the task runs the `gpu` limit applies to."""
     from prefect.client.orchestration import get_client
 
-    from pipelines.deployments import RETRAIN_CRON, retrain_deployment
-
-    repo, _ = flow_repo
-    deployment_id = retrain_deployment(repo).apply()
+    from pipelines.dvc_tasks import is_gpu_stage
 
     async def read():
         async with get_client() as client:
-            return await client.read_deployment(deployment_id)
+            return await client.read_task_runs()
 
-    deployment = asyncio.run(read())
-    assert deployment.name == "scheduled" and deployment.parameters == {"repo": str(repo.resolve())}
-    assert [s.schedule.cron for s in deployment.schedules] == [RETRAIN_CRON]
+    tags = {}
+    for run in asyncio.run(read()):
+        tags.setdefault(run.name, set()).update(run.tags)
+    gpu = {stage for stage in STAGES if is_gpu_stage(ROOT, stage)}
+    assert {"unet", "evaluate_base", "edit_benchmark", "ip2p_finetune"} <= gpu and "world" not in gpu
+    for stage in STAGES:
+        assert ("gpu" in tags[f"repro {stage}"]) == (stage in gpu), stage
+
+
+def test_gpu_limit_holds_under_a_burst(prefect_server):
+    """Four flow runs started at once, each with two `gpu`-tagged tasks, under a `gpu` limit of
+    1: the tasks' run intervals never overlap."""
+    import threading
+    import time
+
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+
+    intervals: list[tuple[float, float]] = []
+
+    @task(tags=["gpu"])
+    def heavy() -> None:
+        start = time.monotonic()
+        time.sleep(0.5)
+        intervals.append((start, time.monotonic()))
+
+    @flow
+    def burst() -> None:
+        for future in [heavy.submit(), heavy.submit()]:
+            future.result()
+
+    async def limit(value: int | None):
+        async with get_client() as client:
+            if value is None:
+                await client.delete_concurrency_limit_by_tag("gpu")
+            else:
+                await client.create_concurrency_limit(tag="gpu", concurrency_limit=value)
+
+    asyncio.run(limit(1))
+    try:
+        threads = [threading.Thread(target=burst) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        asyncio.run(limit(None))
+    assert len(intervals) == 8
+    ordered = sorted(intervals)
+    assert all(b[0] >= a[1] for a, b in zip(ordered, ordered[1:])), ordered
