@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 import yaml
+from filelock import FileLock
 from prefect import task
 from prefect.cache_policies import NONE
 from prefect.exceptions import MissingContextError
@@ -92,10 +93,20 @@ def _failure(cmd_args: list[str], stage: str, rc: int, tail: str) -> Exception:
     return DvcStageError(msg, stage=stage, returncode=rc, tail=tail)
 
 
+def repo_lock(repo: Path) -> FileLock:
+    """One DVC command at a time per checkout, across flows and processes: DVC holds its repo
+    lock for a whole stage and refuses a second command meanwhile, so two flows triggered at
+    once on one workspace queue here instead of failing."""
+    path = Path(repo) / ".dvc" / "tmp" / "manip-flows.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path)
+
+
 def stream_dvc(args: list[str], repo: Path, stage: str = "") -> list[str]:
     """Run a DVC command in `repo`, logging stdout and stderr line by line as they arrive.
     Returns the stdout lines; raises DvcIOError / DvcStageError with the stderr tail on failure."""
-    return stream_command(dvc_command(*args), repo, stage, shown=["dvc", *args])
+    with repo_lock(repo):
+        return stream_command(dvc_command(*args), repo, stage, shown=["dvc", *args])
 
 
 def stream_command(cmd: list[str], repo: Path, stage: str = "", shown: list[str] | None = None) -> list[str]:

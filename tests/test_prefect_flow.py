@@ -254,3 +254,30 @@ def test_gpu_limit_holds_under_a_burst(prefect_server):
     assert len(intervals) == 8
     ordered = sorted(intervals)
     assert all(b[0] >= a[1] for a, b in zip(ordered, ordered[1:])), ordered
+
+
+def test_two_flows_at_once_share_a_workspace(prefect_server, tmp_path):
+    """Two `build` flows started together on one checkout (overlapping stages): their DVC
+    commands queue on the checkout's lock instead of failing on DVC's, both complete, and
+    dvc.lock holds every stage with `dvc status` clean."""
+    import threading
+
+    from pipelines.build_flow import build
+
+    repo = make_repo(tmp_path / "project")
+    results: dict[str, dict] = {}
+
+    def run(target: str) -> None:
+        results[target] = build(str(repo), target)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in ("text_encoder", "vae")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(results) == {"text_encoder", "vae"}, "a flow failed"
+    assert sorted([results["text_encoder"]["world"], results["vae"]["world"]]) == ["ran", "skipped"]
+    assert results["text_encoder"]["text_encoder"] == "ran" and results["vae"]["vae"] == "ran"
+    lock = (repo / "dvc.lock").read_text()
+    assert all(f"\n  {s}:\n" in lock for s in ("world", "text_encoder", "vae"))
+    assert "Data and pipelines are up to date" in dvc(repo, "status", "text_encoder", "vae").stdout
