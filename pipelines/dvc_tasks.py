@@ -23,6 +23,8 @@ from typing import Iterable
 import yaml
 from filelock import FileLock
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
 from prefect.cache_policies import NONE
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
@@ -77,12 +79,40 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("pipelines.dvc")
 
 
-def _pump(stream, log, level: int, sink: deque | list) -> None:
+def _pump(stream, log, level: int, sink: deque | list, on_line=None) -> None:
     for line in stream:
         line = line.rstrip()
         if line:
             sink.append(line)
             log.log(level, line)
+            if on_line is not None:
+                on_line(line)
+
+
+class Progress:
+    """A Prefect progress artifact of the task run, fed by the percentages of the stage's
+    progress bars (tqdm, on its stderr): a long training or generation stage shows how far it
+    is in the UI. Updated in steps of at least `step` percent; nothing outside a task run."""
+
+    PERCENT = re.compile(r"(\d{1,3})%\|")
+
+    def __init__(self, stage: str, step: float = 5.0):
+        self.id, self.last, self.step = None, 0.0, step
+        if TaskRunContext.get() is not None:
+            self.id = create_progress_artifact(0.0, description=f"`{stage}`: the running stage's progress bar")
+
+    def __call__(self, line: str) -> None:
+        found = self.PERCENT.findall(line)
+        if self.id is None or not found:
+            return
+        pct = float(min(100, int(found[-1])))
+        if pct >= self.last + self.step or (pct == 100 and self.last < 100):
+            update_progress_artifact(self.id, pct)
+            self.last = pct
+
+    def finish(self) -> None:
+        if self.id is not None and self.last < 100:
+            update_progress_artifact(self.id, 100.0)
 
 
 def _failure(cmd_args: list[str], stage: str, rc: int, tail: str) -> Exception:
@@ -118,13 +148,15 @@ def stream_command(cmd: list[str], repo: Path, stage: str = "", shown: list[str]
     proc = subprocess.Popen(cmd, cwd=repo, env=dvc_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1,
                             errors="replace")
-    err_thread = threading.Thread(target=_pump, args=(proc.stderr, log, logging.INFO, stderr), daemon=True)
-    err_thread.start()
-    _pump(proc.stdout, log, logging.INFO, stdout)
+    progress = Progress(stage or " ".join(shown or cmd))
+    out_thread = threading.Thread(target=_pump, args=(proc.stdout, log, logging.INFO, stdout), daemon=True)
+    out_thread.start()
+    _pump(proc.stderr, log, logging.INFO, stderr, progress)  # in the task's own thread: it owns the run context
     rc = proc.wait()
-    err_thread.join()
+    out_thread.join()
     if rc != 0:
         raise _failure(shown or cmd, stage, rc, "\n".join(stderr))
+    progress.finish()
     return stdout
 
 

@@ -281,3 +281,18 @@ def test_two_flows_at_once_share_a_workspace(prefect_server, tmp_path):
     lock = (repo / "dvc.lock").read_text()
     assert all(f"\n  {s}:\n" in lock for s in ("world", "text_encoder", "vae"))
     assert "Data and pipelines are up to date" in dvc(repo, "status", "text_encoder", "vae").stdout
+
+
+def test_long_stages_report_progress(flow_repo):
+    """Each stage task keeps a progress artifact fed by the stage's progress bars; every finished
+    stage stands at 100%."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+
+    progress = {a.description: float(a.data) for a in asyncio.run(read())}
+    assert any("`unet`" in d for d in progress), sorted(progress)
+    assert all(value == 100.0 for value in progress.values()), progress
