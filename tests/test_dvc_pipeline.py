@@ -103,9 +103,12 @@ def test_experiment_sweep_of_a_stage_parameter(built, tmp_path):
     for n in (3, 4):
         dvc(repo, "exp", "run", "-S", f"ip2p.captions.n={n}", "ip2p_captions")
     table = list(csv.DictReader(io.StringIO(dvc(repo, "exp", "show", "--csv", "--no-pager").stdout)))
-    swept = {row["ip2p.captions.n"]: row for row in table if row.get("Experiment")}
-    assert {"3", "4"} <= set(swept), table
-    assert swept["3"]["captions"] == "3" and swept["4"]["captions"] == "4", swept
+    # `dvc exp show` prefixes a column with its file only where the bare name is ambiguous.
+    columns = list(table[0])
+    param = next(c for c in columns if c in ("ip2p.captions.n", "params.yaml:ip2p.captions.n"))
+    metric = next(c for c in columns if c in ("captions", "metrics/ip2p_captions.json:captions"))
+    swept = {row[param]: row[metric] for row in table if row.get("Experiment")}
+    assert swept.get("3") == "3" and swept.get("4") == "4", (swept, columns)
     diff = dvc(repo, "metrics", "diff", "HEAD", "--md").stdout
     assert "metrics/ip2p_captions.json" in diff and "captions" in diff, diff
     dvc(repo, "plots", "show", "-o", str(tmp_path / "plots"))
