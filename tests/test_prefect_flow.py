@@ -221,6 +221,7 @@ def test_gpu_limit_holds_under_a_burst(prefect_server):
 
     from prefect import flow, task
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
     intervals: list[tuple[float, float]] = []
 
@@ -239,10 +240,23 @@ def test_gpu_limit_holds_under_a_burst(prefect_server):
         async with get_client() as client:
             if value is None:
                 await client.delete_concurrency_limit_by_tag("gpu")
-            else:
-                await client.create_concurrency_limit(tag="gpu", concurrency_limit=value)
+                return
+            await client.create_concurrency_limit(tag="gpu", concurrency_limit=value)
+            # Task engines acquire tag slots from the global limit `tag:gpu` the server derives
+            # from the tag limit: start the burst once that one is in place, as it is long
+            # before any run after `pipelines.server up`.
+            for _ in range(100):
+                try:
+                    if (await client.read_global_concurrency_limit_by_name("tag:gpu")).limit == value:
+                        return
+                except ObjectNotFound:
+                    pass
+                await asyncio.sleep(0.1)
+            raise AssertionError("the server never showed the global limit tag:gpu")
 
     asyncio.run(limit(1))
+    burst()  # one run alone first: the engine's view of the limit is warm before the burst
+    intervals.clear()
     try:
         threads = [threading.Thread(target=burst) for _ in range(4)]
         for t in threads:
