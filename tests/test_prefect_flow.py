@@ -298,8 +298,8 @@ def test_two_flows_at_once_share_a_workspace(prefect_server, tmp_path):
 
 
 def test_long_stages_report_progress(flow_repo):
-    """Each stage task keeps a progress artifact fed by the stage's progress bars; every finished
-    stage stands at 100%."""
+    """Each stage task keeps a progress artifact fed by the stage's progress bars; every stage of
+    the first build stands at 100%."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
 
@@ -307,6 +307,7 @@ def test_long_stages_report_progress(flow_repo):
         async with get_client() as client:
             return await client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
 
-    progress = {a.description: float(a.data) for a in asyncio.run(read())}
-    assert any("`unet`" in d for d in progress), sorted(progress)
-    assert all(value == 100.0 for value in progress.values()), progress
+    # Other tests in this session make runs fail on purpose; their bars stay where they stopped.
+    finished = {a.description for a in asyncio.run(read()) if float(a.data) == 100.0}
+    for stage in STAGES:
+        assert f"`{stage}`: the running stage's progress bar" in finished, (stage, sorted(finished))
