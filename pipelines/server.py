@@ -217,11 +217,6 @@ def stop(layout: Layout, name: str, grace: float = 15.0) -> bool:
         deadline = time.monotonic() + (grace / 2 if sig == signal.SIGTERM else grace)
         while time.monotonic() < deadline:
             try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return True
-            except ChildProcessError:
-                pass
-            try:
                 os.killpg(pid, 0)
             except ProcessLookupError:
                 return True
@@ -230,8 +225,7 @@ def stop(layout: Layout, name: str, grace: float = 15.0) -> bool:
 
 
 def down(layout: Layout) -> list[str]:
-    stopped = [name for name in [f"worker-{p}" for p in POOLS] + ["server"] if stop(layout, name)]
-    return stopped
+    return [name for name in [f"worker-{p}" for p in POOLS] + ["server"] if stop(layout, name)]
 
 
 def status(layout: Layout) -> dict:
