@@ -1,0 +1,108 @@
+"""Textual Inversion (Gal et al., 2022): the concept becomes new word embedding(s); nothing else
+changes. Only the new rows of the embedding table receive gradients, and AdamW without weight
+decay leaves a parameter whose gradient has always been zero exactly where it was, so every
+original embedding is bit-for-bit unchanged after training.
+
+The artifact is diffusers' textual-inversion file, `{placeholder: (n_vectors, dim)}` in
+safetensors, which `StableDiffusionPipeline.load_textual_inversion` reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .base import Customizer, FitConfig
+from .concept import Concept, ConceptError
+
+WEIGHTS = "learned_embeds.safetensors"
+
+
+@dataclass(frozen=True)
+class TextualInversionConfig(FitConfig):
+    lr: float = 5e-3
+    n_vectors: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_vectors < 1:
+            raise ValueError(f"TextualInversionConfig.n_vectors must be >= 1, got {self.n_vectors}")
+
+
+def placeholder_tokens(concept: Concept, n_vectors: int) -> list[str]:
+    """diffusers' naming for multi-vector embeddings: `<tok>`, `<tok>_1`, ..."""
+    return [concept.placeholder] + [f"{concept.placeholder}_{i}" for i in range(1, n_vectors)]
+
+
+def add_tokens(pipe, tokens: list[str], init: torch.Tensor | None = None) -> list[int]:
+    """Add new tokens with embeddings `init` (rows, or one row broadcast); refuses a token the
+    vocabulary already has, which would silently retrain a real word."""
+    taken = [t for t in tokens if t in pipe.tokenizer.get_vocab()]
+    if taken:
+        raise ConceptError(f"placeholder token(s) {taken} already exist in the tokenizer's vocabulary; "
+                           "choose a new string such as '<my-concept>'")
+    pipe.tokenizer.add_tokens(tokens)
+    ids = pipe.tokenizer.convert_tokens_to_ids(tokens)
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+    if init is not None:
+        with torch.no_grad():
+            pipe.text_encoder.get_input_embeddings().weight[ids] = init.to(pipe.text_encoder.dtype)
+    return ids
+
+
+def class_embedding(pipe, noun: str) -> torch.Tensor:
+    """Mean embedding of the class noun's tokens: the new vector starts at the word it refines."""
+    ids = pipe.tokenizer(noun, add_special_tokens=False).input_ids
+    return pipe.text_encoder.get_input_embeddings().weight[ids].detach().mean(0)
+
+
+def train_rows_only(embedding: torch.nn.Embedding, rows: list[int]) -> torch.utils.hooks.RemovableHandle:
+    """Let gradients reach only `rows` of an embedding table."""
+    mask = torch.zeros(embedding.num_embeddings, 1, dtype=embedding.weight.dtype, device=embedding.weight.device)
+    mask[rows] = 1
+    embedding.weight.requires_grad_(True)
+    return embedding.weight.register_hook(lambda g: g * mask)
+
+
+class TextualInversion(Customizer):
+    method = "textual_inversion"
+    Config = TextualInversionConfig
+    config: TextualInversionConfig
+
+    def phrase(self, concept: Concept) -> str:
+        return concept.placeholder
+
+    def text_trains(self) -> bool:
+        return True
+
+    def _prepare(self):
+        ids = []
+        for c in self.concepts:
+            ids += add_tokens(self.pipe, placeholder_tokens(c, self.config.n_vectors), class_embedding(self.pipe, c.class_noun))
+        embedding = self.pipe.text_encoder.get_input_embeddings()
+        self._hook = train_rows_only(embedding, ids)
+        self._rows = len(ids)
+        return embedding, [embedding.weight]
+
+    def _trained_count(self, trainable) -> int:
+        return self._rows * self.pipe.text_encoder.config.hidden_size
+
+    def _finish(self) -> None:
+        self._hook.remove()
+        self.pipe.text_encoder.get_input_embeddings().weight.requires_grad_(False)
+
+    def learned_embeddings(self, concept: Concept) -> torch.Tensor:
+        ids = self.pipe.tokenizer.convert_tokens_to_ids(placeholder_tokens(concept, self.config.n_vectors))
+        return self.pipe.text_encoder.get_input_embeddings().weight[ids].detach().cpu().clone()
+
+    def _save_artifact(self, directory: Path) -> None:
+        for c in self.concepts:
+            name = WEIGHTS if len(self.concepts) == 1 else f"{c.name}.safetensors"
+            save_file({c.placeholder: self.learned_embeddings(c)}, str(directory / name))
+
+    def _load_artifact(self, directory: Path) -> None:
+        for c in self.concepts:
+            name = WEIGHTS if len(self.concepts) == 1 else f"{c.name}.safetensors"
+            self.pipe.load_textual_inversion(str(directory / name), token=c.placeholder)
