@@ -9,13 +9,15 @@ from pathlib import Path
 
 from .base import Customizer, FitConfig, FitReport, PriorSet, read_manifest
 from .concept import Concept, ConceptError, load_reference_images
+from .cones import Cones
 from .custom_diffusion import CustomDiffusion
 from .dreambooth import DreamBooth
 from .lora import Lora
+from .svdiff import SVDiff
 from .textual_inversion import TextualInversion
 
 METHODS: dict[str, type[Customizer]] = {
-    cls.method: cls for cls in (TextualInversion, DreamBooth, CustomDiffusion, Lora)
+    cls.method: cls for cls in (TextualInversion, DreamBooth, CustomDiffusion, SVDiff, Cones, Lora)
 }
 
 

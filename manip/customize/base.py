@@ -75,7 +75,7 @@ class FitReport:
 
 
 @dataclass
-class _Latents:
+class LatentSet:
     mean: torch.Tensor
     std: torch.Tensor
     captions: list[str] = field(default_factory=list)
@@ -87,10 +87,10 @@ class _Latents:
 
 
 @torch.no_grad()
-def encode_images(pipe: StableDiffusionPipeline, images: np.ndarray, captions: list[str]) -> _Latents:
+def encode_images(pipe: StableDiffusionPipeline, images: np.ndarray, captions: list[str]) -> LatentSet:
     dist = pipe.vae.encode(to_tensor(images).to(pipe.vae.device, pipe.vae.dtype)).latent_dist
     scale = pipe.vae.config.scaling_factor
-    return _Latents(dist.mean * scale, dist.std * scale, captions)
+    return LatentSet(dist.mean * scale, dist.std * scale, captions)
 
 
 def tokenize(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> torch.Tensor:
@@ -98,6 +98,18 @@ def tokenize(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> torch.Ten
     prompts = pipe.maybe_convert_prompt(list(prompts), pipe.tokenizer)
     return pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+
+
+def phrase_mask(tokenizer, ids: torch.Tensor, phrase: str) -> torch.Tensor:
+    """(batch, tokens) 1.0 where `phrase`'s tokens first occur in each row of `ids`."""
+    target = tokenizer(phrase, add_special_tokens=False).input_ids
+    mask = torch.zeros(ids.shape)
+    for i, seq in enumerate(ids.tolist()):
+        start = next((j for j in range(len(seq) - len(target) + 1) if seq[j : j + len(target)] == target), None)
+        if start is None:
+            raise ValueError(f"the phrase {phrase!r} is not in the caption tokens of row {i}")
+        mask[i, start : start + len(target)] = 1
+    return mask
 
 
 class Customizer(ABC):
@@ -168,36 +180,47 @@ class Customizer(ABC):
         self.pipe.vae.requires_grad_(False)
         self.pipe.text_encoder.requires_grad_(False)
         self.pipe.unet.requires_grad_(False)
-        state, trainable = self._prepare()
-        instance = encode_images(self.pipe, np.concatenate([c.images for c in concepts]),
-                                 [self.prompt(c, t) for c in concepts for t in c.templates])
-        regular = encode_images(self.pipe, prior.images, prior.captions) if prior is not None else None
-        scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        unet = self.unet_forward()
-
-        def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-            rng = batch_rng(cfg.seed, step)
-            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            latents, captions = instance.sample(rng, cfg.batch_size, gen)
-            loss = diffusion_loss(unet, scheduler, latents, self.encode_text(captions), gen)
-            if regular is None:
-                return loss, {}
-            latents, captions = regular.sample(rng, cfg.batch_size, gen)
-            prior_loss = diffusion_loss(unet, scheduler, latents, self.encode_text(captions), gen)
-            return loss + cfg.prior_weight * prior_loss, {"instance": loss.item(), "prior": prior_loss.item()}
-
+        self._instance = encode_images(self.pipe, np.concatenate([c.images for c in concepts]),
+                                       [self.prompt(c, t) for c in concepts for t in c.templates])
+        self._regular = encode_images(self.pipe, prior.images, prior.captions) if prior is not None else None
+        self._scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup=min(cfg.warmup, cfg.steps - 1),
                           checkpoint_every=cfg.checkpoint_every, log_every=min(25, cfg.steps))
         fingerprint = {"method": self.method, "config": {k: v for k, v in asdict(cfg).items() if k != "steps"},
                        "concepts": [self._concept_meta(c) for c in concepts], "prior": prior is not None}
         with PeakMemory() as peak:
-            result = train(state, loss_fn, loop, Path(checkpoint_dir), params=trainable, desc=self.method,
+            state, trainable = self._prepare()
+            result = train(state, self.batch_loss, loop, Path(checkpoint_dir), params=trainable, desc=self.method,
                            fingerprint=fingerprint)
         self._finish()
         for module in (self.pipe.unet, self.pipe.text_encoder):
             module.eval()
         return FitReport(history=result.history, seconds=result.seconds, resumed_from=result.resumed_from,
                          peak_memory_mb=peak.megabytes, trainable_parameters=self._trained_count(trainable))
+
+    def step_rng(self, step: int, stream: int = 0) -> tuple[np.random.Generator, torch.Generator]:
+        """The draws of training step `step` (`stream` > 0: an independent series, for work outside
+        the training steps such as Cones' neuron search)."""
+        rng = batch_rng(self.config.seed, step, stream)
+        return rng, torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+    def data_loss(self, data: LatentSet, n: int, rng: np.random.Generator,
+                  gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        """The diffusion loss of `n` items drawn from `data`, and their captions."""
+        latents, captions = data.sample(rng, n, gen)
+        return diffusion_loss(self.unet_forward(), self._scheduler, latents, self.encode_text(captions), gen), captions
+
+    def with_prior(self, loss: torch.Tensor, rng: np.random.Generator,
+                   gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        if self._regular is None:
+            return loss, {}
+        prior_loss, _ = self.data_loss(self._regular, self.config.batch_size, rng, gen)
+        return loss + self.config.prior_weight * prior_loss, {"instance": loss.item(), "prior": prior_loss.item()}
+
+    def batch_loss(self, step: int, stream: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+        rng, gen = self.step_rng(step, stream)
+        loss, _ = self.data_loss(self._instance, self.config.batch_size, rng, gen)
+        return self.with_prior(loss, rng, gen)
 
     def generate(self, prompts: Sequence[str], generators: list[torch.Generator], steps: int = 50,
                  guidance_scale: float = 7.5) -> np.ndarray:
@@ -224,13 +247,19 @@ class Customizer(ABC):
     def load(cls, pipe: StableDiffusionPipeline, directory: str | Path) -> "Customizer":
         """Apply a saved artifact to `pipe` (a fresh copy of the base the run started from)."""
         directory = Path(directory)
+        self = cls.from_manifest(pipe, directory)
+        self._load_artifact(directory)
+        return self
+
+    @classmethod
+    def from_manifest(cls, pipe: StableDiffusionPipeline, directory: Path) -> "Customizer":
+        """A customizer with an artifact's settings and concepts, its weights not yet applied."""
         manifest = read_manifest(directory)
         if manifest["method"] != cls.method:
             raise ValueError(f"{directory} holds a {manifest['method']} artifact, not {cls.method}")
         known = {f.name for f in fields(cls.Config)}
         self = cls(pipe, cls.Config(**{k: v for k, v in manifest["config"].items() if k in known}))
         self.concepts = [concept_from_meta(c) for c in manifest["concepts"]]
-        self._load_artifact(directory)
         return self
 
 

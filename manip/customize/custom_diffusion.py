@@ -20,7 +20,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from .base import Customizer, FitConfig, concept_from_meta, read_manifest, tokenize
+from .base import Customizer, FitConfig, phrase_mask, tokenize
 from .concept import Concept
 from .textual_inversion import add_tokens, class_embedding, train_rows_only
 
@@ -100,18 +100,9 @@ def load_kv_weights(unet, weights: dict[str, torch.Tensor]) -> None:
 def phrase_features(pipe: StableDiffusionPipeline, captions: Sequence[str], phrase: str) -> torch.Tensor:
     """Text-encoder outputs at the positions of `phrase`'s tokens in each caption: the keys a
     concept's prompts feed the cross-attention (C in the merge)."""
-    target = pipe.tokenizer(phrase, add_special_tokens=False).input_ids
     ids = tokenize(pipe, captions)
-    feats = pipe.text_encoder(ids)[0]
-    rows = []
-    for i, seq in enumerate(ids.tolist()):
-        for start in range(len(seq) - len(target) + 1):
-            if seq[start : start + len(target)] == target:
-                rows.append(feats[i, start : start + len(target)])
-                break
-        else:
-            raise ValueError(f"the phrase {phrase!r} does not occur in caption {captions[i]!r}")
-    return torch.cat(rows)
+    mask = phrase_mask(pipe.tokenizer, ids.cpu(), phrase).bool()
+    return pipe.text_encoder(ids)[0][mask.to(ids.device)]
 
 
 @torch.no_grad()
@@ -130,14 +121,14 @@ def closed_form_merge(w0: torch.Tensor, c: torch.Tensor, v: torch.Tensor, c_reg:
     W = W0 + v^T d with d = C (C_reg^T C_reg)^-1 and v^T = (V - W0 C^T)(d C^T)^-1.
 
     w0: (out, in), c: (N, in) target keys, v: (out, N) their values, c_reg: (M, in). A small
-    ridge keeps the solves stable when C_reg's features do not span every direction."""
+    ridge on C_reg^T C_reg keeps that solve stable when the regularisation features do not span
+    every direction; the constraint itself is solved by least squares, exact whenever the keys
+    are linearly independent (repeated keys with consistent values are fine too)."""
     w0, c, v, c_reg = (x.double() for x in (w0, c, v, c_reg))
     gram = c_reg.T @ c_reg
     gram = gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
     d = torch.linalg.solve(gram, c.T).T  # C (C_reg^T C_reg)^-1, as gram is symmetric
-    lhs = d @ c.T
-    lhs = lhs + ridge * lhs.diagonal().mean() * torch.eye(len(lhs), dtype=lhs.dtype)
-    vt = torch.linalg.solve(lhs.T, (v - w0 @ c.T).T).T  # (V - W0 C^T)(d C^T)^-1
+    vt = torch.linalg.lstsq((d @ c.T).T, (v - w0 @ c.T).T).solution.T  # (V - W0 C^T)(d C^T)^-1
     return (w0 + vt @ d).float()
 
 
@@ -152,16 +143,14 @@ def merge(base: StableDiffusionPipeline, artifacts: Sequence[Path], templates: S
     c_reg = content_features(base, reg_captions)  # before any new token exists: the base model's captions
     for path in artifacts:
         path = Path(path)
-        manifest = read_manifest(path)
-        if manifest["method"] != CustomDiffusion.method:
-            raise ValueError(f"{path} holds a {manifest['method']} artifact; only Custom Diffusion ones merge")
-        if merged is None:
-            merged = CustomDiffusion(base, CustomDiffusionConfig(**manifest["config"]))
+        part = CustomDiffusion.from_manifest(base, path)
+        merged = merged or CustomDiffusion(base, part.config)
         weights = load_file(str(path / WEIGHTS))
-        for c in manifest["concepts"]:
-            base.load_textual_inversion(str(path / f"{c['placeholder']}.safetensors"), token=c["placeholder"])
-            merged.concepts.append(concept_from_meta(c))
-            k = phrase_features(base, [t.format(c["phrase"]) for t in templates], c["phrase"])
+        for c in part.concepts:
+            base.load_textual_inversion(str(path / f"{c.placeholder}.safetensors"), token=c.placeholder)
+            merged.concepts.append(c)
+            phrase = part.phrase(c)
+            k = phrase_features(base, [t.format(phrase) for t in templates], phrase)
             keys.append(k)
             values.append({name: w @ k.T for name, w in weights.items()})
     if merged is None:
