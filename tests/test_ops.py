@@ -111,7 +111,7 @@ def test_up_registers_pools_limit_and_deployments(stack):
     assert limits["gpu"] == 1
     deployments = {(d["name"], d["work_pool_name"]): d for d in stack.api("/deployments/filter", {})}
     for name, pool in [("base-model", "gpu"), ("edit-benchmark", "gpu"), ("world", "cpu"), ("dataset", "gpu"),
-                       ("train", "gpu"), ("weekly", "gpu")]:
+                       ("train", "gpu"), ("weekly", "gpu"), ("concepts", "gpu")]:
         assert (name, pool) in deployments, sorted(deployments)
     weekly = deployments[("weekly", "gpu")]
     assert [s["schedule"]["cron"] for s in weekly["schedules"]] == ["0 4 * * 1"]

@@ -145,10 +145,6 @@ class Customizer(ABC):
     def _finish(self) -> None:
         """Called once training has ended, before the artifact can be saved."""
 
-    def _trained_count(self, trainable: list[torch.nn.Parameter]) -> int:
-        """How many values training changes (a method training a few rows of a table says so)."""
-        return sum(p.numel() for p in trainable)
-
     @abstractmethod
     def _save_artifact(self, directory: Path) -> None: ...
 
@@ -196,7 +192,7 @@ class Customizer(ABC):
         for module in (self.pipe.unet, self.pipe.text_encoder):
             module.eval()
         return FitReport(history=result.history, seconds=result.seconds, resumed_from=result.resumed_from,
-                         peak_memory_mb=peak.megabytes, trainable_parameters=self._trained_count(trainable))
+                         peak_memory_mb=peak.megabytes, trainable_parameters=sum(p.numel() for p in trainable))
 
     def step_rng(self, step: int, stream: int = 0) -> tuple[np.random.Generator, torch.Generator]:
         """The draws of training step `step` (`stream` > 0: an independent series, for work outside

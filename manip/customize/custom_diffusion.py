@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .base import Customizer, FitConfig, phrase_mask, tokenize
 from .concept import Concept
-from .textual_inversion import add_tokens, class_embedding, train_rows_only
+from .textual_inversion import TrainableRows, add_tokens, class_embedding
 
 WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 SUFFIX = {"to_k": "to_k_custom_diffusion.weight", "to_v": "to_v_custom_diffusion.weight"}
@@ -58,18 +58,13 @@ class CustomDiffusion(Customizer):
 
     def _prepare(self):
         ids = [add_tokens(self.pipe, [c.placeholder], class_embedding(self.pipe, c.class_noun))[0] for c in self.concepts]
-        embedding = self.pipe.text_encoder.get_input_embeddings()
-        self._hook = train_rows_only(embedding, ids)
+        self._rows = TrainableRows(self.pipe.text_encoder.get_input_embeddings(), ids)
         kv = torch.nn.ModuleList(cross_attention_kv(self.pipe.unet).values()).requires_grad_(True)
-        state = torch.nn.ModuleDict({"kv": kv, "embedding": embedding})
-        return state, [embedding.weight, *kv.parameters()]
-
-    def _trained_count(self, trainable) -> int:
-        return len(self.concepts) * self.pipe.text_encoder.config.hidden_size + sum(p.numel() for p in trainable[1:])
+        state = torch.nn.ModuleDict({"kv": kv, "rows": self._rows})
+        return state, [self._rows.rows, *kv.parameters()]
 
     def _finish(self) -> None:
-        self._hook.remove()
-        self.pipe.text_encoder.requires_grad_(False)
+        self._rows.commit()
         self.pipe.unet.requires_grad_(False)
 
     def _save_artifact(self, directory: Path) -> None:

@@ -58,12 +58,27 @@ def class_embedding(pipe, noun: str) -> torch.Tensor:
     return pipe.text_encoder.get_input_embeddings().weight[ids].detach().mean(0)
 
 
-def train_rows_only(embedding: torch.nn.Embedding, rows: list[int]) -> torch.utils.hooks.RemovableHandle:
-    """Let gradients reach only `rows` of an embedding table."""
-    mask = torch.zeros(embedding.num_embeddings, 1, dtype=embedding.weight.dtype, device=embedding.weight.device)
-    mask[rows] = 1
-    embedding.weight.requires_grad_(True)
-    return embedding.weight.register_hook(lambda g: g * mask)
+class TrainableRows(torch.nn.Module):
+    """New tokens' embedding rows as a parameter of their own, substituted into the embedding
+    layer's output by a forward hook. The table itself never takes a gradient, so no other row
+    can move, and the optimizer updates k x dim values instead of the whole vocabulary."""
+
+    def __init__(self, embedding: torch.nn.Embedding, ids: list[int]):
+        super().__init__()
+        self.register_buffer("ids", torch.tensor(ids, device=embedding.weight.device))
+        self.rows = torch.nn.Parameter(embedding.weight[ids].detach().clone())
+        self._table = [embedding]  # a plain reference: the table is not part of this module's state
+        self._handle = embedding.register_forward_hook(self._substitute)
+
+    def _substitute(self, module, args, out: torch.Tensor) -> torch.Tensor:
+        match = args[0][..., None] == self.ids  # (batch, tokens, k)
+        return torch.where(match.any(-1, keepdim=True), match.to(out.dtype) @ self.rows, out)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Write the trained rows into the table and remove the hook."""
+        self._table[0].weight[self.ids] = self.rows.to(self._table[0].weight.dtype)
+        self._handle.remove()
 
 
 class TextualInversion(Customizer):
@@ -81,17 +96,11 @@ class TextualInversion(Customizer):
         ids = []
         for c in self.concepts:
             ids += add_tokens(self.pipe, placeholder_tokens(c, self.config.n_vectors), class_embedding(self.pipe, c.class_noun))
-        embedding = self.pipe.text_encoder.get_input_embeddings()
-        self._hook = train_rows_only(embedding, ids)
-        self._rows = len(ids)
-        return embedding, [embedding.weight]
-
-    def _trained_count(self, trainable) -> int:
-        return self._rows * self.pipe.text_encoder.config.hidden_size
+        self._rows = TrainableRows(self.pipe.text_encoder.get_input_embeddings(), ids)
+        return self._rows, [self._rows.rows]
 
     def _finish(self) -> None:
-        self._hook.remove()
-        self.pipe.text_encoder.get_input_embeddings().weight.requires_grad_(False)
+        self._rows.commit()
 
     def learned_embeddings(self, concept: Concept) -> torch.Tensor:
         ids = self.pipe.tokenizer.convert_tokens_to_ids(placeholder_tokens(concept, self.config.n_vectors))

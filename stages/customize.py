@@ -1,0 +1,464 @@
+"""Stage `customize`: every (method x concept) customization run on the embedded base model,
+the multi-concept runs, and their evaluation; aggregates metrics/customize.json and one image
+grid per method under plots/customize/.
+
+A run trains (resuming from checkpoints/customize/<run>/<fingerprint>), saves its artifact to
+models/concepts/<method>/<concept>/ in the format diffusers loads, samples the evaluation prompts
+and writes result.json beside the artifact. A run whose result.json carries the current
+fingerprint (settings, base model, evaluation) is done and skipped, so the stage resumes and the
+Prefect flow can fan runs out as separate processes before `dvc repro customize` records them:
+
+    python -m stages.customize                 # every run not yet done, then the aggregate
+    python -m stages.customize --run lora/teapot
+    python -m stages.customize --list          # the run names, in waves, as JSON
+
+A failing run does not stop the others; the stage reports every failure and exits non-zero
+without writing the aggregate, so DVC never records a partial result.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ._runner import StageInputError, main
+from .common import require
+from .params import CustomizeParams, Params, load_params
+
+if TYPE_CHECKING:
+    import numpy as np
+
+BASE, CLIP, JUDGE = Path("models/base"), Path("models/clip"), Path("models/judge")
+CONCEPTS = Path("models/concepts")
+CKPT = Path("checkpoints/customize")
+PRIOR_CACHE = Path("checkpoints/customize/prior")
+METRICS = Path("metrics/customize.json")
+GRIDS = Path("plots/customize")
+RESULT = "result.json"
+SAMPLES = "samples.png"
+JOINT_METHODS = ("dreambooth", "custom_diffusion", "svdiff", "lora")  # fit on two concepts at once
+
+
+@dataclass(frozen=True)
+class Run:
+    method: str
+    concepts: tuple[str, ...]
+    variant: str = ""  # "", "no_prior" (DreamBooth ablation), "merge" (Custom Diffusion), "union" (Cones)
+
+    @property
+    def folder(self) -> str:
+        return f"{self.method}_{self.variant}" if self.variant else self.method
+
+    @property
+    def name(self) -> str:
+        return f"{self.folder}/{'+'.join(self.concepts)}"
+
+    @property
+    def combines(self) -> tuple["Run", ...]:
+        """The single-concept runs whose artifacts this run combines without training."""
+        if self.variant in ("merge", "union"):
+            return tuple(Run(self.method, (c,)) for c in self.concepts)
+        return ()
+
+
+def plan(c: CustomizeParams) -> list[list[Run]]:
+    """Waves of runs: everything that trains, then what combines finished artifacts."""
+    trains = [Run(m, (k,)) for m in c.methods for k in c.concepts]
+    if c.drift_ablation and "dreambooth" in c.methods:
+        trains += [Run("dreambooth", (k,), "no_prior") for k in c.concepts]
+    combines = []
+    for pair in c.pairs:
+        trains += [Run(m, tuple(pair)) for m in c.methods if m in JOINT_METHODS]
+        if "custom_diffusion" in c.methods:
+            combines.append(Run("custom_diffusion", tuple(pair), "merge"))
+        if "cones" in c.methods:
+            combines.append(Run("cones", tuple(pair), "union"))
+    return [trains, combines] if combines else [trains]
+
+
+def find_run(c: CustomizeParams, name: str) -> Run:
+    runs = {r.name: r for wave in plan(c) for r in wave}
+    if name not in runs:
+        raise StageInputError(f"no run {name!r} in params.yaml's customize section; runs: {', '.join(runs)}")
+    return runs[name]
+
+
+def method_config(params: Params, run: Run):
+    """The method's config: its defaults, params.yaml's overrides, the project seed; an unknown
+    or invalid field is named."""
+    from manip.customize import METHODS
+
+    cls = METHODS[run.method].Config
+    overrides = dict(params.customize.settings.get(run.method, {}))
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise StageInputError(f"customize.settings.{run.method}: unknown field(s) {unknown}; known: {sorted(known)}")
+    if run.variant == "no_prior":
+        overrides["prior_weight"] = 0.0
+    try:
+        return cls(**{**overrides, "seed": params.seed})
+    except (TypeError, ValueError) as err:
+        raise StageInputError(f"customize.settings.{run.method}: {err}") from None
+
+
+def files_digest(*folders: Path) -> str:
+    h = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            h.update(str(path.relative_to(folder)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(params: Params, run: Run, base_digest: str) -> str:
+    c = params.customize
+    spec = {"run": run.name, "config": dataclasses.asdict(method_config(params, run)) if not run.combines else
+            [dataclasses.asdict(method_config(params, r)) for r in run.combines],
+            "base": base_digest, "world": [params.world.artwork_dir, params.world.size], "seed": params.seed,
+            "references": c.n_references, "prior": c.prior_images, "regularisation": c.regularisation_images,
+            "evaluate": c.evaluate.model_dump()}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_done(run: Run, fingerprint: str) -> bool:
+    path = CONCEPTS / run.name / RESULT
+    return path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint
+
+
+class Workbench:
+    """What every run in one process shares: the base model's files, scorers, renderer, and the
+    concepts with their prompts."""
+
+    def __init__(self, params: Params):
+        from manip.customize.evaluate import Scorers
+        from manip.metrics.clip_scores import ClipScorer
+        from manip.metrics.judge import AttributeJudge
+        from manip.runtime import device, set_threads
+        from manip.world import Artwork, Renderer
+
+        set_threads()
+        self.params = params
+        self.device = device()
+        require(BASE / "model_index.json", "unet")
+        self.base_digest = files_digest(BASE)
+        self.scorers = Scorers(ClipScorer(require(CLIP, "evaluator"), device=self.device),
+                               AttributeJudge.from_pretrained(require(JUDGE, "evaluator")).eval().to(self.device))
+        self.renderer = Renderer(Artwork(params.world.artwork_dir), params.world.size)
+        self._concepts: dict = {}
+
+    def base(self):
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(BASE, safety_checker=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(self.device)
+
+    def concept(self, name: str):
+        from manip.customize.world import world_concept
+
+        if name not in self._concepts:
+            c = self.params.customize
+            n = max(c.evaluate.n_prompts, c.prior_images, c.regularisation_images)
+            self._concepts[name] = world_concept(name, self.renderer, c.n_references, n, self.params.seed)
+        return self._concepts[name]
+
+    def prior(self, run: Run):
+        """DreamBooth: class images the base model generates for the class prompts (cached on disk
+        by base model, prompts and seed); Custom Diffusion: real renders of class scenes."""
+        import numpy as np
+
+        from manip.customize import PriorSet
+
+        if run.method not in ("dreambooth", "custom_diffusion") or run.variant == "no_prior":
+            return None
+        c = self.params.customize
+        n = c.prior_images if run.method == "dreambooth" else c.regularisation_images
+        cases = [case for k in run.concepts for case in self.concept(k).class_cases[:n]]
+        captions = [case.template for case in cases]
+        if run.method == "custom_diffusion":
+            return PriorSet(np.stack([self.renderer.render_array(case.scene) for case in cases]), captions)
+        return PriorSet(self.class_images(captions), captions)
+
+    def class_images(self, captions: list[str]):
+        import numpy as np
+        import torch
+        from safetensors.numpy import load_file, save_file
+
+        from manip.training.checkpoint import atomic_write
+
+        e = self.params.customize.evaluate
+        key = hashlib.sha256(json.dumps([self.base_digest, captions, e.steps, e.guidance_scale, self.params.seed])
+                             .encode()).hexdigest()[:16]
+        path = PRIOR_CACHE / f"{key}.safetensors"
+        if path.is_file():
+            return load_file(str(path))["images"]
+        generators = [torch.Generator().manual_seed(int(np.random.default_rng([self.params.seed, 7, i]).integers(2**62)))
+                      for i in range(len(captions))]
+        images = self.sample(self.base(), captions, generators)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"images": images}, str(tmp))
+        tmp.replace(path)
+        atomic_write(path.with_suffix(".json"), json.dumps(captions, indent=1))
+        return images
+
+    def sample(self, pipe, prompts: list[str], generators) -> np.ndarray:
+        import numpy as np
+
+        from manip.sampling import generate
+
+        e = self.params.customize.evaluate
+        return np.concatenate([generate(pipe, prompts[i : i + e.batch_size], generators[i : i + e.batch_size],
+                                        steps=e.steps, guidance_scale=e.guidance_scale)
+                               for i in range(0, len(prompts), e.batch_size)])
+
+
+def generators_for(seed: int, group: int, n_cases: int, per_case: int):
+    """The same noise for every method on one concept's prompts: a fair comparison."""
+    import numpy as np
+    import torch
+
+    return [torch.Generator().manual_seed(int(np.random.default_rng([seed, group, c, s]).integers(2**62)))
+            for c in range(n_cases) for s in range(per_case)]
+
+
+def evaluate_run(bench: Workbench, customizer, run: Run) -> tuple[dict, np.ndarray]:
+    """Scores of a finished customizer on its evaluation prompts (and, for one concept, the
+    language-drift probe on class prompts)."""
+    from manip.customize.evaluate import concept_scores, drift_scores, pair_scores
+    from manip.customize.world import WORLD_CONCEPTS, pair_cases
+
+    p, e = bench.params, bench.params.customize.evaluate
+    k = e.images_per_prompt
+    if len(run.concepts) == 2:
+        cases = pair_cases(*run.concepts, e.n_prompts, p.seed)
+        a, b = (next(c for c in customizer.concepts if c.name == n) for n in run.concepts)
+        prompts = [case.template.format(customizer.phrase(a), customizer.phrase(b)) for case in cases for _ in range(k)]
+        texts = [case.template.format(*run.concepts) for case in cases for _ in range(k)]
+        group = 100 + WORLD_CONCEPTS.index(run.concepts[0]) * 10 + WORLD_CONCEPTS.index(run.concepts[1])
+        images = bench.sample(customizer.pipe, prompts, generators_for(p.seed, group, len(cases), k))
+        return pair_scores(bench.scorers, images, [c.scene for c in cases for _ in range(k)], texts), images
+    wc = bench.concept(run.concepts[0])
+    concept, cases = customizer.concepts[0], wc.cases[: e.n_prompts]
+    group = WORLD_CONCEPTS.index(concept.name)
+    prompts = [customizer.prompt(concept, case.template) for case in cases for _ in range(k)]
+    texts = [case.template.format(concept.name) for case in cases for _ in range(k)]
+    scenes = [case.scene for case in cases for _ in range(k)]
+    images = bench.sample(customizer.pipe, prompts, generators_for(p.seed, group, len(cases), k))
+    real = real_renders(bench, scenes)
+    scores = concept_scores(bench.scorers, images, scenes, texts, wc.concept.images, real, concept.kind)
+    drift_cases = wc.class_cases[: e.n_prompts]
+    drift_prompts = [case.template for case in drift_cases]
+    drift_gens = generators_for(p.seed, 50 + group, len(drift_cases), 1)
+    before = bench.sample(bench.base(), drift_prompts, drift_gens)
+    after = bench.sample(customizer.pipe, drift_prompts, generators_for(p.seed, 50 + group, len(drift_cases), 1))
+    scores["drift"] = drift_scores(bench.scorers, before, after, [c.scene for c in drift_cases], concept.kind)
+    return scores, images
+
+
+def real_renders(bench: Workbench, scenes) -> np.ndarray:
+    """Exact renders of the prompted scenes, each with fresh placement jitter."""
+    import numpy as np
+
+    from manip.world import resample_layout
+
+    return np.stack([bench.renderer.render_array(resample_layout(s, np.random.default_rng([bench.params.seed, 11, i])))
+                     for i, s in enumerate(scenes)])
+
+
+def artifact_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name not in (RESULT, SAMPLES))
+
+
+def execute(bench: Workbench, run: Run) -> dict:
+    """Train (or combine), save, evaluate one run; returns its result."""
+    import torch
+
+    from manip.customize import METHODS, load_customizer
+    from manip.customize.cones import union
+    from manip.customize.custom_diffusion import merge
+    from manip.runtime import PeakMemory
+    from manip.training.checkpoint import atomic_write
+
+    fingerprint = run_fingerprint(bench.params, run, bench.base_digest)
+    out = CONCEPTS / run.name
+    if is_done(run, fingerprint):
+        return json.loads((out / RESULT).read_text())
+    torch.manual_seed(bench.params.seed)
+    pipe = bench.base()
+    started = time.perf_counter()
+    if run.combines:
+        missing = [r.name for r in run.combines if not (CONCEPTS / r.name / "customizer.json").is_file()]
+        if missing:
+            raise StageInputError(f"{run.name} combines {missing}, which have not finished")
+        with PeakMemory() as peak:
+            if run.variant == "merge":
+                templates = [t for k in run.concepts for t in bench.concept(k).concept.templates]
+                reg = [case.template for k in run.concepts for case in bench.concept(k).class_cases]
+                customizer = merge(pipe, [CONCEPTS / r.name for r in run.combines], templates, reg)
+            else:
+                customizer = union(pipe, [CONCEPTS / r.name for r in run.combines])
+        fit = {"seconds": round(time.perf_counter() - started, 2), "peak_memory_mb": peak.megabytes,
+               "trainable_parameters": 0, "resumed_from": 0, "final_loss": None}
+    else:
+        customizer = METHODS[run.method](pipe, method_config(bench.params, run))
+        report = customizer.fit([bench.concept(k).concept for k in run.concepts], CKPT / run.name / fingerprint,
+                                prior=bench.prior(run))
+        fit = {"seconds": report.seconds, "peak_memory_mb": report.peak_memory_mb,
+               "trainable_parameters": report.trainable_parameters, "resumed_from": report.resumed_from,
+               "final_loss": round(report.history[-1]["loss"], 5)}
+    customizer.save(out)
+    # Scores come from the saved artifact loaded into a fresh base: what a user of it gets.
+    loaded = load_customizer(bench.base(), out)
+    scores, images = evaluate_run(bench, loaded, run)
+    result = {"run": run.name, "method": run.folder, "concepts": list(run.concepts), "fingerprint": fingerprint,
+              **fit, "artifact_bytes": artifact_bytes(out), "scores": scores}
+    save_strip(out / SAMPLES, images[:8])
+    atomic_write(out / RESULT, json.dumps(result, indent=1))
+    return result
+
+
+def prune(keep: set[str]) -> None:
+    """Remove run folders params.yaml no longer plans, so models/concepts holds exactly the runs."""
+    import shutil
+
+    for manifest in CONCEPTS.glob("*/*/customizer.json"):
+        folder = manifest.parent
+        if f"{folder.parent.name}/{folder.name}" not in keep:
+            shutil.rmtree(folder)
+    for method in CONCEPTS.glob("*"):
+        if method.is_dir() and not any(method.iterdir()):
+            method.rmdir()
+
+
+def save_strip(path: Path, images) -> None:
+    import numpy as np
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(np.concatenate(list(images), 1)).save(tmp)
+    tmp.replace(path)
+
+
+def method_grids(params: Params, results: dict[str, dict]) -> list[Path]:
+    """One PNG per method: a row per run, the first reference then its first samples."""
+    import numpy as np
+    from PIL import Image
+
+    from manip.customize.world import world_concept
+    from manip.world import Artwork, Renderer
+
+    renderer = Renderer(Artwork(params.world.artwork_dir), params.world.size)
+    refs = {k: world_concept(k, renderer, params.customize.n_references, 1, params.seed).concept.images[0]
+            for k in params.customize.concepts}
+    by_method: dict[str, list[np.ndarray]] = {}
+    for name, result in results.items():
+        strip = np.asarray(Image.open(CONCEPTS / name / SAMPLES))
+        first = refs.get(result["concepts"][0], np.zeros_like(strip[:, : strip.shape[0]]))
+        by_method.setdefault(result["method"], []).append(np.concatenate([first, strip], 1))
+    paths = []
+    for method, rows in by_method.items():
+        width = max(r.shape[1] for r in rows)
+        rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+        path = GRIDS / f"{method}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_strip(path, [np.concatenate(rows, 0)])
+        paths.append(path)
+    return paths
+
+
+def real_rows(bench: Workbench) -> dict[str, dict]:
+    """The ceiling: the scores of exact renders of each concept's evaluation prompts."""
+    import numpy as np
+
+    from manip.customize.evaluate import concept_scores
+    from manip.world import resample_layout
+
+    e = bench.params.customize.evaluate
+    rows = {}
+    for name in bench.params.customize.concepts:
+        wc = bench.concept(name)
+        cases = wc.cases[: e.n_prompts]
+        scenes = [c.scene for c in cases for _ in range(e.images_per_prompt)]
+        texts = [c.template.format(name) for c in cases for _ in range(e.images_per_prompt)]
+        images = real_renders(bench, scenes)
+        other = np.stack([bench.renderer.render_array(resample_layout(s, np.random.default_rng([bench.params.seed, 12, i])))
+                          for i, s in enumerate(scenes)])
+        rows[name] = concept_scores(bench.scorers, other, scenes, texts, wc.concept.images, images, wc.concept.kind)
+    return rows
+
+
+def summary(results: dict[str, dict], real: dict[str, dict]) -> dict:
+    """Per method, the mean over its single-concept runs of every score; multi-concept and drift
+    tables beside."""
+    import numpy as np
+
+    singles, multi, drift = {}, {}, {}
+    for result in results.values():
+        if len(result["concepts"]) == 1:
+            singles.setdefault(result["method"], []).append(result)
+            drift[result["run"]] = result["scores"]["drift"]
+        else:
+            multi[result["run"]] = {**result["scores"], "seconds": result["seconds"]}
+    table = {}
+    for method, rows in singles.items():
+        keys = [k for k, v in rows[0]["scores"].items() if not isinstance(v, dict)]
+        table[method] = {k: round(float(np.mean([r["scores"][k] for r in rows])), 4) for k in keys}
+        for k in ("seconds", "peak_memory_mb", "artifact_bytes", "trainable_parameters"):
+            table[method][k] = round(float(np.mean([r[k] for r in rows])), 1)
+    keys = list(next(iter(real.values())))
+    table["real"] = {k: round(float(np.mean([r[k] for r in real.values()])), 4) for k in keys}
+    return {"methods": table, "multi_concept": multi, "drift": drift}
+
+
+def run(params: Params, only: str | None = None) -> dict | None:
+    from manip.training.checkpoint import atomic_write
+
+    c = params.customize
+    bench = Workbench(params)
+    runs = [find_run(c, only)] if only else [r for wave in plan(c) for r in wave]
+    results, failures = {}, {}
+    for r in runs:
+        try:
+            results[r.name] = execute(bench, r)
+        except Exception as err:  # one run's failure must not stop the others
+            failures[r.name] = f"{type(err).__name__}: {err}"
+            traceback.print_exc()
+            print(f"customize: run {r.name} failed: {failures[r.name]}", file=sys.stderr)
+    if failures:
+        raise StageInputError(f"{len(failures)} of {len(runs)} customization runs failed: " +
+                              "; ".join(f"{k} ({v})" for k, v in failures.items()))
+    if only:
+        return results[only]
+    prune(set(results))
+    real = real_rows(bench)
+    metrics = {"runs": results, "real": real, **summary(results, real)}
+    method_grids(params, results)
+    atomic_write(METRICS, json.dumps(metrics, indent=1))
+    print(json.dumps(metrics["methods"], indent=1))
+    return metrics
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.customize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", help="one run, e.g. lora/teapot (the Prefect flow's fan-out unit)")
+    parser.add_argument("--list", action="store_true", help="print the runs, in waves, with what each combines, as JSON")
+    args = parser.parse_args()
+    params = load_params()
+    if args.list:
+        print(json.dumps([[{"name": r.name, "needs": [n.name for n in r.combines]} for r in wave]
+                          for wave in plan(params.customize)]))
+        return
+    run(params, args.run)
+
+
+if __name__ == "__main__":
+    main(cli)

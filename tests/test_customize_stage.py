@@ -1,0 +1,124 @@
+"""Stage `customize` in a project-shaped folder with a tiny base model: single and multi-concept
+runs (joint, closed-form merge, Cones union), the aggregate metrics and grids, runs skipped once
+done, one failing run reported without stopping the others, and bad settings named."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_params_dict
+from test_ip2p_stages import stage
+from tiny_pipeline import save_tiny_clip_and_judge, saved_tiny_pipeline
+
+FAST = {"steps": 2, "batch_size": 2, "checkpoint_every": 1}
+CUSTOMIZE = {
+    "concepts": ["teapot", "robot", "mosaic"], "methods": ["textual_inversion", "custom_diffusion", "cones"],
+    "n_references": 2, "prior_images": 2, "regularisation_images": 3, "pairs": [["teapot", "robot"]],
+    "drift_ablation": False,
+    "settings": {"textual_inversion": FAST, "custom_diffusion": FAST,
+                 "cones": {**FAST, "search_rounds": 1, "neurons_per_round": 2, "search_batches": 1}},
+    "evaluate": {"n_prompts": 2, "images_per_prompt": 2, "steps": 2, "batch_size": 4},
+}
+
+
+def write_params(root: Path, **changes) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump({**tiny_params_dict(), "customize": {**CUSTOMIZE, **changes}}))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("customize") / "project"
+    root.mkdir(parents=True)
+    write_params(root)
+    saved_tiny_pipeline(root / "models" / "base", "epsilon", smooth=True, image_size=64)
+    save_tiny_clip_and_judge(root / "models")
+    stage(root, "customize")
+    return root
+
+
+def results(root: Path) -> dict[str, dict]:
+    return {f"{p.parent.parent.name}/{p.parent.name}": json.loads(p.read_text())
+            for p in (root / "models" / "concepts").glob("*/*/result.json")}
+
+
+def test_every_planned_run_has_an_artifact_and_a_result(project):
+    runs = results(project)
+    singles = {f"{m}/{c}" for m in CUSTOMIZE["methods"] for c in CUSTOMIZE["concepts"]}
+    multi = {"custom_diffusion/teapot+robot", "custom_diffusion_merge/teapot+robot", "cones_union/teapot+robot"}
+    assert set(runs) == singles | multi
+    for name, result in runs.items():
+        folder = project / "models" / "concepts" / name
+        assert (folder / "customizer.json").is_file() and (folder / "samples.png").is_file()
+        assert result["artifact_bytes"] > 0 and result["seconds"] >= 0
+    assert (project / "models/concepts/textual_inversion/teapot/learned_embeds.safetensors").is_file()
+    assert (project / "models/concepts/custom_diffusion_merge/teapot+robot/"
+                      "pytorch_custom_diffusion_weights.safetensors").is_file()
+    single = runs["custom_diffusion/teapot"]["scores"]
+    assert {"subject_accuracy", "judge_feature_similarity", "clip_i", "clip_t", "scene_accuracy", "kid",
+            "drift"} <= set(single)
+    assert runs["textual_inversion/teapot"]["scores"]["drift"]["same_seed_clip_i"] == pytest.approx(1.0, abs=1e-4)
+    assert {"both_present", "both_in_place", "clip_t"} <= set(runs["cones_union/teapot+robot"]["scores"])
+
+
+def test_aggregate_metrics_and_grids(project):
+    metrics = json.loads((project / "metrics/customize.json").read_text())
+    assert set(metrics["methods"]) == {*CUSTOMIZE["methods"], "real"}
+    assert set(metrics["real"]) == set(CUSTOMIZE["concepts"])
+    assert set(metrics["multi_concept"]) == {"custom_diffusion/teapot+robot", "custom_diffusion_merge/teapot+robot",
+                                             "cones_union/teapot+robot"}
+    for method in ("textual_inversion", "custom_diffusion", "custom_diffusion_merge", "cones", "cones_union"):
+        assert (project / "plots/customize" / f"{method}.png").is_file()
+
+
+def test_rerun_skips_finished_runs(project):
+    before = {name: (project / "models/concepts" / name / "result.json").stat().st_mtime_ns for name in results(project)}
+    stage(project, "customize")
+    after = {name: (project / "models/concepts" / name / "result.json").stat().st_mtime_ns for name in results(project)}
+    assert after == before
+
+
+def test_a_failing_run_is_reported_and_the_others_finish(tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    # The base tokenizer already has the token "<robot>": the runs that would add it must fail
+    # (reusing it would retrain whatever it means), the rest must not notice.
+    write_params(root, concepts=["teapot", "robot"], methods=["textual_inversion", "custom_diffusion"],
+                 pairs=[["teapot", "robot"]])
+    saved_tiny_pipeline(root / "models" / "base", "epsilon", smooth=True, image_size=64)
+    save_tiny_clip_and_judge(root / "models")
+    tokenizer = root / "models/base/tokenizer"
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tokenizer)
+    tok.add_tokens(["<robot>"])
+    tok.save_pretrained(tokenizer)
+    proc = stage(root, "customize", check=False)
+    assert proc.returncode == 2
+    assert "textual_inversion/robot" in proc.stderr and "custom_diffusion/robot" in proc.stderr
+    assert "already exist in the tokenizer's vocabulary" in proc.stderr
+    done = set(results(root))
+    assert {"textual_inversion/teapot", "custom_diffusion/teapot"} <= done
+    assert "custom_diffusion_merge/teapot+robot" not in done
+    assert not (root / "metrics/customize.json").exists()
+
+
+def test_unknown_method_setting_is_named(tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    write_params(root, settings={"textual_inversion": {"stepz": 3}})
+    saved_tiny_pipeline(root / "models" / "base", "epsilon", smooth=True, image_size=64)
+    save_tiny_clip_and_judge(root / "models")
+    proc = stage(root, "customize", "--run", "textual_inversion/teapot", check=False)
+    assert proc.returncode == 2
+    assert "customize.settings.textual_inversion: unknown field(s) ['stepz']" in proc.stderr
+
+
+def test_list_names_the_waves(tmp_path):
+    write_params(tmp_path)
+    proc = stage(tmp_path, "customize", "--list")
+    waves = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["name"] for r in waves[1]] == ["custom_diffusion_merge/teapot+robot", "cones_union/teapot+robot"]
+    assert waves[1][0]["needs"] == ["custom_diffusion/teapot", "custom_diffusion/robot"]
