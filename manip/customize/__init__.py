@@ -12,12 +12,13 @@ from .concept import Concept, ConceptError, load_reference_images
 from .cones import Cones
 from .custom_diffusion import CustomDiffusion
 from .dreambooth import DreamBooth
+from .elite import Elite
 from .lora import Lora
 from .svdiff import SVDiff
 from .textual_inversion import TextualInversion
 
 METHODS: dict[str, type[Customizer]] = {
-    cls.method: cls for cls in (TextualInversion, DreamBooth, CustomDiffusion, SVDiff, Cones, Lora)
+    cls.method: cls for cls in (TextualInversion, DreamBooth, CustomDiffusion, SVDiff, Cones, Lora, Elite)
 }
 
 
