@@ -51,7 +51,8 @@ $(PEERS_VENV)/.installed: constraints.txt
 	test -x $(PEERS_VENV)/bin/python || python3 -m venv $(PEERS_VENV)
 	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
 	$(PEERS_VENV)/bin/python -m pip install -q $(PEERS_TORCH)
-	$(PEERS_VENV)/bin/python -m pip install -q -c constraints.txt diffusers transformers accelerate datasets
+	# peft for the DreamBooth LoRA example (benchmarks/customize_speed.py)
+	$(PEERS_VENV)/bin/python -m pip install -q -c constraints.txt diffusers transformers accelerate datasets peft
 	touch $@
 
 # Debian's chromium for the browser test of the Prefect UI (Playwright drives it; no browser
