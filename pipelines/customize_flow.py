@@ -43,7 +43,7 @@ def customize_run(repo: Path, run: str) -> dict:
 
 
 def planned_runs(repo: Path) -> list[list[dict]]:
-    """Waves of {name, needs}: the runs of the checkout's params, as the stage plans them."""
+    """Waves of {name, needs, done}: the runs of the checkout's params, as the stage plans them."""
     proc = subprocess.run([sys.executable, "-m", "stages.customize", "--list"], cwd=repo, env=dvc_env(),
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -51,8 +51,8 @@ def planned_runs(repo: Path) -> list[list[dict]]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_row(name: str, result: dict | None, error: str | None) -> dict:
-    row: dict = {"run": name, "status": "failed" if error else "done"}
+def run_row(name: str, result: dict | None, error: str | None, status: str = "done") -> dict:
+    row: dict = {"run": name, "status": "failed" if error else status}
     if result:
         scores = {k: v for k, v in result["scores"].items() if not isinstance(v, dict)}
         row.update({**scores, "seconds": result["seconds"], "peak_memory_mb": result["peak_memory_mb"],
@@ -94,6 +94,10 @@ def customize_flow(repo: str = ".") -> dict[str, str]:
         for wave in planned_runs(root):
             futures = {}
             for run in wave:
+                if run["done"]:  # finished earlier with the same fingerprint: no process to start
+                    result = json.loads((root / CONCEPTS / run["name"] / "result.json").read_text())
+                    rows.append(run_row(run["name"], result, None, "done earlier"))
+                    continue
                 lost = sorted(set(run["needs"]) & failed)
                 if lost:  # combining a run that failed cannot succeed
                     failed.add(run["name"])

@@ -15,6 +15,10 @@ METRICS_DIR = Path("metrics")
 BASE_METRICS = METRICS_DIR / "base.json"
 EDIT_METRICS = METRICS_DIR / "edit_benchmark.json"
 EDIT_GRID = Path("plots/edit_grid.png")
+CUSTOMIZE_METRICS = METRICS_DIR / "customize.json"
+# The columns of the customization table (README, `make run` summary).
+CUSTOMIZE_COLUMNS = ("subject_accuracy", "judge_feature_similarity", "clip_i", "clip_t", "scene_accuracy", "kid",
+                     "seconds", "peak_memory_mb", "artifact_bytes")
 # The columns of the edit benchmark's tables (README, Prefect artifact, `make run` summary).
 EDIT_TABLE_METRICS = ("n", "recon_psnr", "bg_psnr", "bg_ssim", "gt_psnr_in", "gt_psnr_out", "clip_t", "clip_t_region",
                       "structure_dist", "success", "invert_seconds", "edit_seconds")
@@ -67,6 +71,21 @@ def edit_rows(metrics: dict) -> list[dict]:
     return rows
 
 
+def customize_rows(metrics: dict) -> list[dict]:
+    """One row per method (means over its concepts) and the `real` ceiling, from metrics/customize.json."""
+    return [{"method": method, **{k: values.get(k, "") for k in CUSTOMIZE_COLUMNS}}
+            for method, values in metrics.get("methods", {}).items()]
+
+
+def customize_multi_rows(metrics: dict) -> list[dict]:
+    return [{"run": run, **values} for run, values in metrics.get("multi_concept", {}).items()]
+
+
+def customize_drift_rows(metrics: dict) -> list[dict]:
+    return [{"run": run, **values} for run, values in metrics.get("drift", {}).items()
+            if run.startswith("dreambooth")]
+
+
 def _fmt(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -102,6 +121,10 @@ def summary(repo: Path) -> str:
             lines.append(f"    {method:<16} reconstruction {_fmt(o.get('recon_psnr'))} dB, background "
                          f"{_fmt(o.get('bg_psnr'))} dB, success {_pct(o.get('success'))}, "
                          f"{_fmt(o.get('invert_seconds'))} + {_fmt(o.get('edit_seconds'))} s per case")
+    if "customize" in metrics:
+        for row in customize_rows(metrics["customize"]):
+            lines.append(f"  customization {row['method']:<22} subject {_pct(row['subject_accuracy'])}, CLIP-T "
+                         f"{_fmt(row['clip_t'])}, scene {_pct(row['scene_accuracy'])}, KID {_fmt(row['kid'])}")
     if "ip2p_eval" in metrics:
         ev = metrics["ip2p_eval"]
         scale = ev.get("default_image_guidance")
@@ -117,6 +140,10 @@ def summary(repo: Path) -> str:
             continue
         if name == "edit_benchmark":
             lines.append(f"  metrics/{name}.json: per edit type in `python -m pipelines.report --edit-table`")
+            continue
+        if name == "customize":
+            lines.append(f"  metrics/{name}.json: per run; tables in `python -m pipelines.report --customize-table`, "
+                         "grids in plots/customize/")
             continue
         if name == "base":
             lines.append(f"  metrics/{name}.json: {len(flatten(m))} values (`dvc metrics show`)")
@@ -140,7 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repo", type=Path, default=Path("."), help="project root (default: .)")
     ap.add_argument("--edit-table", action="store_true",
                     help="print the edit benchmark's inversion x edit type table as markdown (the README's)")
+    ap.add_argument("--customize-table", action="store_true",
+                    help="print the customization tables (methods, multi-concept, drift) as markdown (the README's)")
     args = ap.parse_args(argv)
+    if args.customize_table:
+        path = args.repo / CUSTOMIZE_METRICS
+        if not path.is_file():
+            print(f"{path} is missing: run `dvc repro customize`", file=sys.stderr)
+            return 1
+        m = json.loads(path.read_text())
+        print("\n\n".join(markdown_table(rows) for rows in (customize_rows(m), customize_multi_rows(m),
+                                                            customize_drift_rows(m))))
+        return 0
     if args.edit_table:
         path = args.repo / EDIT_METRICS
         if not path.is_file():

@@ -24,7 +24,8 @@ import json
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 BASE, CLIP, JUDGE = Path("models/base"), Path("models/clip"), Path("models/judge")
+ELITE_ENCODER = Path("models/elite_encoder")
 CONCEPTS = Path("models/concepts")
 CKPT = Path("checkpoints/customize")
 PRIOR_CACHE = Path("checkpoints/customize/prior")
@@ -103,6 +105,8 @@ def method_config(params: Params, run: Run):
         raise StageInputError(f"customize.settings.{run.method}: unknown field(s) {unknown}; known: {sorted(known)}")
     if run.variant == "no_prior":
         overrides["prior_weight"] = 0.0
+    if run.method == "elite":
+        overrides.setdefault("encoder", str(ELITE_ENCODER))
     try:
         return cls(**{**overrides, "seed": params.seed})
     except (TypeError, ValueError) as err:
@@ -122,7 +126,8 @@ def run_fingerprint(params: Params, run: Run, base_digest: str) -> str:
     c = params.customize
     spec = {"run": run.name, "config": dataclasses.asdict(method_config(params, run)) if not run.combines else
             [dataclasses.asdict(method_config(params, r)) for r in run.combines],
-            "base": base_digest, "world": [params.world.artwork_dir, params.world.size], "seed": params.seed,
+            "base": base_digest, "encoder": files_digest(ELITE_ENCODER) if run.method == "elite" else None,
+            "world": [params.world.artwork_dir, params.world.size], "seed": params.seed,
             "references": c.n_references, "prior": c.prior_images, "regularisation": c.regularisation_images,
             "evaluate": c.evaluate.model_dump()}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -210,14 +215,18 @@ class Workbench:
         atomic_write(path.with_suffix(".json"), json.dumps(captions, indent=1))
         return images
 
-    def sample(self, pipe, prompts: list[str], generators) -> np.ndarray:
+    def sample(self, model, prompts: list[str], generators) -> np.ndarray:
+        """Samples of a base pipeline or a customizer (whose `generate` may do more, as ELITE's
+        local attention does), in batches, with the evaluation's steps and guidance."""
         import numpy as np
 
+        from manip.customize import Customizer
         from manip.sampling import generate
 
         e = self.params.customize.evaluate
-        return np.concatenate([generate(pipe, prompts[i : i + e.batch_size], generators[i : i + e.batch_size],
-                                        steps=e.steps, guidance_scale=e.guidance_scale)
+        draw = model.generate if isinstance(model, Customizer) else partial(generate, model)
+        return np.concatenate([draw(prompts[i : i + e.batch_size], generators[i : i + e.batch_size],
+                                    steps=e.steps, guidance_scale=e.guidance_scale)
                                for i in range(0, len(prompts), e.batch_size)])
 
 
@@ -244,7 +253,7 @@ def evaluate_run(bench: Workbench, customizer, run: Run) -> tuple[dict, np.ndarr
         prompts = [case.template.format(customizer.phrase(a), customizer.phrase(b)) for case in cases for _ in range(k)]
         texts = [case.template.format(*run.concepts) for case in cases for _ in range(k)]
         group = 100 + WORLD_CONCEPTS.index(run.concepts[0]) * 10 + WORLD_CONCEPTS.index(run.concepts[1])
-        images = bench.sample(customizer.pipe, prompts, generators_for(p.seed, group, len(cases), k))
+        images = bench.sample(customizer, prompts, generators_for(p.seed, group, len(cases), k))
         return pair_scores(bench.scorers, images, [c.scene for c in cases for _ in range(k)], texts), images
     wc = bench.concept(run.concepts[0])
     concept, cases = customizer.concepts[0], wc.cases[: e.n_prompts]
@@ -252,14 +261,14 @@ def evaluate_run(bench: Workbench, customizer, run: Run) -> tuple[dict, np.ndarr
     prompts = [customizer.prompt(concept, case.template) for case in cases for _ in range(k)]
     texts = [case.template.format(concept.name) for case in cases for _ in range(k)]
     scenes = [case.scene for case in cases for _ in range(k)]
-    images = bench.sample(customizer.pipe, prompts, generators_for(p.seed, group, len(cases), k))
+    images = bench.sample(customizer, prompts, generators_for(p.seed, group, len(cases), k))
     real = real_renders(bench, scenes)
     scores = concept_scores(bench.scorers, images, scenes, texts, wc.concept.images, real, concept.kind)
     drift_cases = wc.class_cases[: e.n_prompts]
     drift_prompts = [case.template for case in drift_cases]
     drift_gens = generators_for(p.seed, 50 + group, len(drift_cases), 1)
     before = bench.sample(bench.base(), drift_prompts, drift_gens)
-    after = bench.sample(customizer.pipe, drift_prompts, generators_for(p.seed, 50 + group, len(drift_cases), 1))
+    after = bench.sample(customizer, drift_prompts, generators_for(p.seed, 50 + group, len(drift_cases), 1))
     scores["drift"] = drift_scores(bench.scorers, before, after, [c.scene for c in drift_cases], concept.kind)
     return scores, images
 
@@ -272,6 +281,13 @@ def real_renders(bench: Workbench, scenes) -> np.ndarray:
 
     return np.stack([bench.renderer.render_array(resample_layout(s, np.random.default_rng([bench.params.seed, 11, i])))
                      for i, s in enumerate(scenes)])
+
+
+def reference_concept(concept, run: Run):
+    """What the method learns from: every reference, or the first alone for ELITE, which
+    customizes from one image by design."""
+    return replace(concept, images=concept.images[:1], templates=concept.templates[:1]) if run.method == "elite" \
+        else concept
 
 
 def artifact_bytes(folder: Path) -> int:
@@ -309,12 +325,14 @@ def execute(bench: Workbench, run: Run) -> dict:
         fit = {"seconds": round(time.perf_counter() - started, 2), "peak_memory_mb": peak.megabytes,
                "trainable_parameters": 0, "resumed_from": 0, "final_loss": None}
     else:
+        if run.method == "elite":
+            require(ELITE_ENCODER / "config.json", "elite_encoder")
         customizer = METHODS[run.method](pipe, method_config(bench.params, run))
-        report = customizer.fit([bench.concept(k).concept for k in run.concepts], CKPT / run.name / fingerprint,
-                                prior=bench.prior(run))
+        report = customizer.fit([reference_concept(bench.concept(k).concept, run) for k in run.concepts],
+                                CKPT / run.name / fingerprint, prior=bench.prior(run))
         fit = {"seconds": report.seconds, "peak_memory_mb": report.peak_memory_mb,
                "trainable_parameters": report.trainable_parameters, "resumed_from": report.resumed_from,
-               "final_loss": round(report.history[-1]["loss"], 5)}
+               "final_loss": round(report.history[-1]["loss"], 5) if report.history else None}
     customizer.save(out)
     # Scores come from the saved artifact loaded into a fresh base: what a user of it gets.
     loaded = load_customizer(bench.base(), out)
@@ -450,11 +468,20 @@ def run(params: Params, only: str | None = None) -> dict | None:
 def cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.customize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", help="one run, e.g. lora/teapot (the Prefect flow's fan-out unit)")
-    parser.add_argument("--list", action="store_true", help="print the runs, in waves, with what each combines, as JSON")
+    parser.add_argument("--list", action="store_true",
+                        help="print the runs, in waves, with what each combines and whether it is done, as JSON")
     args = parser.parse_args()
     params = load_params()
     if args.list:
-        print(json.dumps([[{"name": r.name, "needs": [n.name for n in r.combines]} for r in wave]
+        base = files_digest(BASE)
+
+        def done(r: Run) -> bool:
+            try:
+                return is_done(r, run_fingerprint(params, r, base))
+            except StageInputError:  # settings the run itself will report
+                return False
+
+        print(json.dumps([[{"name": r.name, "needs": [n.name for n in r.combines], "done": done(r)} for r in wave]
                           for wave in plan(params.customize)]))
         return
     run(params, args.run)

@@ -232,6 +232,22 @@ class CustomizeEvalParams(Strict):
     batch_size: Pos = 40
 
 
+class EliteEncoderParams(Strict):
+    """manip.customize.elite.EncoderConfig, less the seed (the project's)."""
+
+    global_steps: Pos = 1500
+    local_steps: Pos = 500
+    lr: Annotated[float, Field(gt=0, le=1)] = 1e-4
+    batch_size: Pos = 8
+    warmup: NonNeg = 100
+    checkpoint_every: Pos = 250
+    n_words: Pos = 3
+    width: Pos = 128
+    local_grid: Pos = 8
+    word_reg: Annotated[float, Field(ge=0)] = 0.01
+    init_word: str = "cat"  # a word the base model was trained on (unseen words have zero embeddings)
+
+
 class CustomizeParams(Strict):
     concepts: list[WorldConceptName] = ["teapot", "robot", "cactus", "penguin", "mosaic"]
     methods: list[CustomizeMethod] = ["textual_inversion", "dreambooth", "custom_diffusion", "svdiff", "cones", "lora"]
@@ -243,6 +259,7 @@ class CustomizeParams(Strict):
     drift_ablation: bool = True
     # Per-method overrides of the method's config (manip.customize.<method>.<Method>Config fields).
     settings: dict[CustomizeMethod, dict[str, float | int | bool | str]] = {}
+    elite_encoder: EliteEncoderParams = EliteEncoderParams()
     evaluate: CustomizeEvalParams = CustomizeEvalParams()
 
     @model_validator(mode="after")

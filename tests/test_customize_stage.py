@@ -122,3 +122,26 @@ def test_list_names_the_waves(tmp_path):
     waves = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["name"] for r in waves[1]] == ["custom_diffusion_merge/teapot+robot", "cones_union/teapot+robot"]
     assert waves[1][0]["needs"] == ["custom_diffusion/teapot", "custom_diffusion/robot"]
+
+
+def test_elite_encoder_stage_then_a_one_image_elite_run(tiny_world, tmp_path):
+    """`elite_encoder` trains the mapping networks on the world's single objects; an `elite` run
+    then customizes from the first reference alone, with no training steps."""
+    root = tmp_path / "project"
+    root.mkdir()
+    write_params(root, methods=["elite"], pairs=[], concepts=["teapot"],
+                 elite_encoder={"global_steps": 2, "local_steps": 2, "batch_size": 2, "warmup": 1,
+                                "checkpoint_every": 1, "n_words": 2, "width": 8, "local_grid": 2})
+    (root / "data").mkdir()
+    (root / "data" / "world").symlink_to(tiny_world, target_is_directory=True)
+    saved_tiny_pipeline(root / "models" / "base", "epsilon", smooth=True, image_size=64)
+    save_tiny_clip_and_judge(root / "models")
+    missing = stage(root, "customize", "--run", "elite/teapot", check=False)
+    assert missing.returncode == 2 and "dvc repro elite_encoder" in missing.stderr
+    stage(root, "elite_encoder")
+    assert (root / "models/elite_encoder/config.json").is_file()
+    assert json.loads((root / "metrics/elite_encoder.json").read_text())["local_steps"] == 2
+    stage(root, "customize", "--run", "elite/teapot")
+    result = json.loads((root / "models/concepts/elite/teapot/result.json").read_text())
+    assert result["trainable_parameters"] == 0 and result["resumed_from"] == 0
+    assert (root / "models/concepts/elite/teapot/learned_embeds.safetensors").is_file()

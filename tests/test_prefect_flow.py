@@ -311,3 +311,48 @@ def test_long_stages_report_progress(flow_repo):
     finished = {a.description for a in asyncio.run(read()) if float(a.data) == 100.0}
     for stage in STAGES:
         assert f"`{stage}`: the running stage's progress bar" in finished, (stage, sorted(finished))
+
+
+def _latest_rows(key: str) -> dict[str, dict]:
+    table = max(_artifact(key), key=lambda a: a.created)
+    rows = table.data if isinstance(table.data, list) else json.loads(table.data)
+    return {r["run"]: r for r in rows}
+
+
+def test_customize_flow_fans_out_and_reports_a_failed_run(flow_repo):
+    """The `customize` flow on the built tiny repo: with Cones misconfigured, its runs fail while
+    the Textual Inversion runs (re-run: their settings changed) finish; the runs table marks
+    both, the flow fails and DVC records nothing. With Cones fixed, a second flow run trains only
+    the failed runs and `dvc repro customize` records the stage."""
+    import yaml
+
+    from pipelines.customize_flow import CustomizeRunsFailed, customize_flow
+
+    repo, _ = flow_repo
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    settings = params["customize"]["settings"]
+    settings["textual_inversion"]["lr"] = 0.02
+    # Other settings than the build's: the fixed Cones runs cannot reuse the build's results.
+    good_cones = {**settings["cones"], "steps": settings["cones"]["steps"] + 1}
+    settings["cones"]["search_rounds"] = 0
+    try:
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        with pytest.raises(CustomizeRunsFailed, match="cones/teapot"):
+            customize_flow(str(repo))
+        rows = _latest_rows("customize-runs")
+        assert rows["cones/teapot"]["status"] == "failed" and "search_rounds" in rows["cones/teapot"]["error"]
+        assert rows["textual_inversion/teapot"]["status"] == "done"
+        assert "customize" in dvc_status(repo)
+        result = repo / "models/concepts/textual_inversion/teapot/result.json"
+        finished = result.stat().st_mtime_ns
+        settings["cones"] = good_cones
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        assert customize_flow(str(repo))["customize"] == "ran"
+        assert result.stat().st_mtime_ns == finished  # done runs are not redone
+        rows = _latest_rows("customize-runs")
+        assert {name for name, row in rows.items() if row["status"] == "done"} == {"cones/teapot", "cones/mosaic"}
+        assert rows["textual_inversion/teapot"]["status"] == "done earlier"
+        assert dvc_status(repo) == {}
+    finally:
+        (repo / "params.yaml").write_text(original)

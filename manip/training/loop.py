@@ -96,7 +96,7 @@ def train(
     modules: dict[str, torch.nn.Module] = {"model": model, **({"ema": ema} if ema else {})}
     ckpt = checkpoint_dir / "last"
     recover_dir(ckpt)
-    step, history, seconds = 0, [], 0.0
+    step, history, seconds, running = 0, [], 0.0, {}
     if main and (ckpt / "meta.json").is_file() and _fingerprint_of(ckpt) != fingerprint:
         stale = ckpt.with_name("stale")
         shutil.rmtree(stale, ignore_errors=True)
@@ -107,10 +107,10 @@ def train(
     if (ckpt / "meta.json").is_file():
         meta = load_checkpoint(ckpt, modules, opt)
         step, history, seconds = meta["step"], meta["history"], meta.get("seconds", 0.0)
+        running = meta.get("running", {})  # sums since the last logged row, so that row averages them all
     resumed_from = step
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, dynamic_ncols=True, disable=not main)
-    running: dict[str, float] = {}
     started = time.perf_counter() - seconds
     while step < cfg.steps:
         for group in opt.param_groups:
@@ -140,7 +140,8 @@ def train(
             seconds = time.perf_counter() - started
             if main:
                 save_checkpoint(ckpt, modules, opt,
-                                {"step": step, "history": history, "fingerprint": fingerprint, "seconds": seconds})
+                                {"step": step, "history": history, "fingerprint": fingerprint, "seconds": seconds,
+                                 "running": running})
             if accelerator is not None:
                 accelerator.wait_for_everyone()
     bar.close()
