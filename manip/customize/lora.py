@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -36,8 +37,10 @@ class Lora(Customizer):
     def _prepare(self):
         self.pipe.unet.add_adapter(LoraConfig(r=self.config.rank, lora_alpha=self.config.rank,
                                               init_lora_weights="gaussian", target_modules=list(TARGETS)))
-        trainable = [p for p in self.pipe.unet.parameters() if p.requires_grad]
-        return self.pipe.unet, trainable
+        # Checkpoints hold the adapters alone, not the frozen UNet around them.
+        adapters = torch.nn.ModuleList(m for n, m in self.pipe.unet.named_modules()
+                                       if n.endswith((".lora_A", ".lora_B")))
+        return adapters, [p for p in adapters.parameters() if p.requires_grad]
 
     def _finish(self) -> None:
         self.pipe.unet.requires_grad_(False)
