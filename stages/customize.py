@@ -338,6 +338,7 @@ def execute(bench: Workbench, run: Run) -> dict:
     loaded = load_customizer(bench.base(), out)
     scores, images = evaluate_run(bench, loaded, run)
     result = {"run": run.name, "method": run.folder, "concepts": list(run.concepts), "fingerprint": fingerprint,
+              "seed": bench.params.seed,
               **fit, "artifact_bytes": artifact_bytes(out), "scores": scores}
     save_strip(out / SAMPLES, images[:8])
     atomic_write(out / RESULT, json.dumps(result, indent=1))
