@@ -113,12 +113,12 @@ def method_config(params: Params, run: Run):
         raise StageInputError(f"customize.settings.{run.method}: {err}") from None
 
 
-def files_digest(*folders: Path) -> str:
+def files_digest(folder: Path) -> str:
+    """The bytes of every file under `folder` (empty when it does not exist)."""
     h = hashlib.sha256()
-    for folder in folders:
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            h.update(str(path.relative_to(folder)).encode())
-            h.update(path.read_bytes())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode())
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
