@@ -273,13 +273,14 @@ def evaluate_run(bench: Workbench, customizer, run: Run) -> tuple[dict, np.ndarr
     return scores, images
 
 
-def real_renders(bench: Workbench, scenes) -> np.ndarray:
-    """Exact renders of the prompted scenes, each with fresh placement jitter."""
+def real_renders(bench: Workbench, scenes, stream: int = 11) -> np.ndarray:
+    """Exact renders of the prompted scenes, each with fresh placement jitter drawn from
+    (seed, stream, index): another stream gives another real set of the same scenes."""
     import numpy as np
 
     from manip.world import resample_layout
 
-    return np.stack([bench.renderer.render_array(resample_layout(s, np.random.default_rng([bench.params.seed, 11, i])))
+    return np.stack([bench.renderer.render_array(resample_layout(s, np.random.default_rng([bench.params.seed, stream, i])))
                      for i, s in enumerate(scenes)])
 
 
@@ -396,10 +397,7 @@ def method_grids(params: Params, results: dict[str, dict]) -> list[Path]:
 
 def real_rows(bench: Workbench) -> dict[str, dict]:
     """The ceiling: the scores of exact renders of each concept's evaluation prompts."""
-    import numpy as np
-
     from manip.customize.evaluate import concept_scores
-    from manip.world import resample_layout
 
     e = bench.params.customize.evaluate
     rows = {}
@@ -409,8 +407,7 @@ def real_rows(bench: Workbench) -> dict[str, dict]:
         scenes = [c.scene for c in cases for _ in range(e.images_per_prompt)]
         texts = [c.template.format(name) for c in cases for _ in range(e.images_per_prompt)]
         images = real_renders(bench, scenes)
-        other = np.stack([bench.renderer.render_array(resample_layout(s, np.random.default_rng([bench.params.seed, 12, i])))
-                          for i, s in enumerate(scenes)])
+        other = real_renders(bench, scenes, stream=12)
         rows[name] = concept_scores(bench.scorers, other, scenes, texts, wc.concept.images, images, wc.concept.kind)
     return rows
 
