@@ -2,6 +2,8 @@
 
     manip edit --model models/base --image in.png --source "a cat on the beach" \
         --target "a dog on the beach" --edit replace --inversion null-text --out out.png
+    manip edit --method imagic --settings '{"eta": 0.8}' --etas 0.6,1.0 --cache .cache/parts \
+        --image in.png --source "a cat on the beach" --target "a dog on the beach" --out out.png
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Kept here, not imported from manip.editing.single: `--help` must not load torch.
+SINGLE_METHODS = ("p2p", "imagic", "unitune", "sine", "pix2pix-zero", "instruct-pix2pix")
 
 
 def _words(values: list[str] | None) -> list[str]:
@@ -62,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     ed.add_argument("--heatmaps", metavar="PNG", help="also write per-word cross-attention heatmaps of every prompt")
     ed.add_argument("--from-inversion", help="reuse an artifact written by `manip invert`")
     ed.add_argument("--out", required=True, help="output PNG (several targets: OUT stem + _<i>.png)")
+    ed.add_argument("--method", default="p2p", choices=SINGLE_METHODS,
+                    help="p2p (the options above), or a single-image method (see manip/editing/single)")
+    ed.add_argument("--settings", default="{}", metavar="JSON",
+                    help="the method's config fields, e.g. '{\"tune\": {\"steps\": 300, \"lr\": 5e-5}}'")
+    ed.add_argument("--cache", metavar="DIR", help="keep the method's reusable parts here for later edits")
+    ed.add_argument("--instruction", help="instruct-pix2pix: the edit as an instruction")
+    ed.add_argument("--etas", help="imagic: also write an eta sweep, e.g. 0.5,0.7,0.9 (OUT stem + _eta<v>.png)")
+    ed.add_argument("--sentences", nargs=2, metavar=("SOURCE_TXT", "TARGET_TXT"),
+                    help="pix2pix-zero: files of source-side and target-side sentences, one per line")
+    ed.add_argument("--seed", type=int, default=0)
     return ap
 
 
@@ -73,7 +87,72 @@ def save_png(image, path: Path) -> None:
     tmp.replace(path)
 
 
+def _sentences(paths: list[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    if not paths:
+        return None
+    sides = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--sentences: no file at {path}")
+        sides.append(tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip()))
+    return sides[0], sides[1]
+
+
+def run_single(args: argparse.Namespace) -> dict:
+    """`manip edit --method <single-image method>`: each target edited with the parts cached."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+    from PIL import Image
+
+    from manip.editing.single import EDITORS, PartCache, make_config, prepare_request
+    from manip.runtime import device, set_threads
+
+    set_threads()
+    try:
+        settings = json.loads(args.settings)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--settings is not valid JSON: {err}") from None
+    if not isinstance(settings, dict):
+        raise ValueError("--settings must be a JSON object")
+    config = make_config(args.method, settings)
+    etas = [float(v) for v in args.etas.split(",")] if args.etas else []
+    if etas and args.method != "imagic":
+        raise ValueError("--etas is for --method imagic")
+    model = Path(args.model)
+    if not (model / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
+    loader = StableDiffusionInstructPix2PixPipeline if args.method == "instruct-pix2pix" else StableDiffusionPipeline
+    pipe = loader.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device())
+    cache = PartCache(args.cache)
+    editor = EDITORS[args.method](pipe, config, cache)
+    out_path = Path(args.out)
+    result: dict = {"method": args.method, "outputs": [], "seconds": [], "cached": [], "notes": []}
+    try:
+        for i, target in enumerate(args.target):
+            request, notes = prepare_request(pipe, args.image, args.source, target, instruction=args.instruction,
+                                             sentences=_sentences(args.sentences), seed=args.seed)
+            out = editor.edit_sweep(request, etas) if etas else editor.edit(request)
+            path = out_path if len(args.target) == 1 else out_path.with_name(f"{out_path.stem}_{i + 1}{out_path.suffix}")
+            save_png(Image.fromarray(out.image), path)
+            result["outputs"].append(str(path))
+            result["seconds"].append(out.seconds)
+            result["cached"].append(out.cached)
+            result.update(notes=notes, stored_bytes=out.stored_bytes)
+            if etas:
+                result["sweep"] = []
+                for eta, img in zip(etas, out.extras["sweep"]):
+                    eta_path = path.with_name(f"{path.stem}_eta{eta}{path.suffix}")
+                    save_png(Image.fromarray(img), eta_path)
+                    result["sweep"].append(str(eta_path))
+    finally:
+        cache.close()
+    return result
+
+
 def run(args: argparse.Namespace) -> dict:
+    if getattr(args, "method", "p2p") != "p2p":
+        return run_single(args)
     import numpy as np
     from diffusers import StableDiffusionPipeline
     from PIL import Image

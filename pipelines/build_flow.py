@@ -5,7 +5,8 @@ dvc.yaml (so a stage added there is picked up), each through `dvc repro --single
 DVC reports as up to date are skipped. Then it publishes the results people look at as Prefect
 artifacts: `build-stages` (table: what each stage did in this run), `base-model-metrics` (table) and `base-model-report` (markdown with the sample grid
 inline) from `evaluate_base`, `edit-benchmark` (table: inversion x edit type) and
-`edit-benchmark-report` (markdown with the edit grid) from `edit_benchmark`, and the InstructPix2Pix
+`edit-benchmark-report` (markdown with the edit grid) from `edit_benchmark`, `edit-runs` (table) and
+`edit-runs-report` (markdown: tables and a grid per edit type) from `edit_runs`, and the InstructPix2Pix
 dataset card and evaluation (see pipelines/ip2p_flows.py).
 
     python -m pipelines.build_flow [REPO] [TARGET]
@@ -23,8 +24,9 @@ from prefect.cache_policies import NONE
 from .artifacts import grid_data_uri
 from .dvc_tasks import dag_order, reproduce
 from .ip2p_flows import DATASET_METRICS, EVAL_METRICS, publish_dataset, publish_eval
-from .report import (BASE_METRICS, CAPTIONS, EDIT_GRID, EDIT_METRICS, EDIT_TABLE_METRICS, GRID, MODEL,
-                     base_headline, edit_rows, flatten)
+from .report import (BASE_METRICS, CAPTIONS, EDIT_GRID, EDIT_METRICS, EDIT_TABLE_METRICS, GRID, MODEL, RUNS_GRIDS,
+                     RUNS_METRICS, base_headline, edit_rows, flatten, markdown_table, runs_kind_rows, runs_reuse_rows,
+                     runs_rows)
 
 METRICS_KEY = "base-model-metrics"
 REPORT_KEY = "base-model-report"
@@ -93,9 +95,39 @@ def publish_edit_report(repo: Path) -> dict[str, str]:
     return {EDIT_KEY: str(table_id), EDIT_REPORT_KEY: str(report_id)}
 
 
+RUNS_KEY = "edit-runs"
+RUNS_REPORT_KEY = "edit-runs-report"
+
+
+def runs_markdown(repo: Path, metrics: dict) -> str:
+    lines = [
+        "# Single-image editing methods on EmojiWorld-Edit", "",
+        f"{metrics.get('n_cases', '?')} cases, the same for every method; complete: {metrics.get('complete')}.", "",
+        markdown_table(runs_rows(metrics)), "", "## Edit success per edit type", "",
+        markdown_table(runs_kind_rows(metrics)), "", "## A second edit of the same image (cached parts)", "",
+        markdown_table(runs_reuse_rows(metrics)), "",
+    ]
+    columns = " | ".join(metrics.get("grid_columns", []))
+    for grid in sorted((repo / RUNS_GRIDS).glob("*.png")):
+        lines += [f"## {grid.stem}", "", f"Columns: {columns}.", "", f"![{grid.stem}]({grid_data_uri(grid)})", ""]
+    return "\n".join(lines)
+
+
+@task(name="publish-edit-runs", cache_policy=NONE)
+def publish_runs_report(repo: Path) -> dict[str, str]:
+    """Table (method x metric) and markdown (tables + one grid per edit type) from metrics/edit_runs.json."""
+    metrics = json.loads((repo / RUNS_METRICS).read_text())
+    table_id = create_table_artifact(table=runs_rows(metrics), key=RUNS_KEY,
+                                     description=f"{RUNS_METRICS}: single-image editing methods ({repo})")
+    report_id = create_markdown_artifact(markdown=runs_markdown(repo, metrics), key=RUNS_REPORT_KEY,
+                                         description=f"Single-image editing methods, tables and grids ({repo})")
+    return {RUNS_KEY: str(table_id), RUNS_REPORT_KEY: str(report_id)}
+
+
 # stage -> (the metrics file it writes, the task that turns it into artifacts)
 PUBLISHERS = {"evaluate_base": (BASE_METRICS, publish_base_report), "edit_benchmark": (EDIT_METRICS, publish_edit_report),
-              "ip2p_dataset": (DATASET_METRICS, publish_dataset), "ip2p_evaluate": (EVAL_METRICS, publish_eval)}
+              "ip2p_dataset": (DATASET_METRICS, publish_dataset), "ip2p_evaluate": (EVAL_METRICS, publish_eval),
+              "edit_runs": (RUNS_METRICS, publish_runs_report)}
 
 
 @flow(name="build")

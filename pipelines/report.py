@@ -16,6 +16,10 @@ BASE_METRICS = METRICS_DIR / "base.json"
 EDIT_METRICS = METRICS_DIR / "edit_benchmark.json"
 EDIT_GRID = Path("plots/edit_grid.png")
 CUSTOMIZE_METRICS = METRICS_DIR / "customize.json"
+RUNS_METRICS = METRICS_DIR / "edit_runs.json"
+RUNS_GRIDS = Path("plots/edit_runs")
+RUNS_COLUMNS = ("n", "success", "gt_psnr_in", "gt_psnr_out", "bg_psnr", "clip_t", "structure_dist", "recon_psnr",
+                "prepare_seconds", "edit_seconds", "peak_memory_mb", "stored_bytes")
 # The columns of the customization table (README, `make run` summary).
 CUSTOMIZE_COLUMNS = ("subject_accuracy", "judge_feature_similarity", "clip_i", "clip_t", "scene_accuracy", "kid",
                      "seconds", "peak_memory_mb", "artifact_bytes")
@@ -71,6 +75,24 @@ def edit_rows(metrics: dict) -> list[dict]:
     return rows
 
 
+def runs_rows(metrics: dict) -> list[dict]:
+    """One row per editing run (all edit types), from metrics/edit_runs.json."""
+    return [{"method": label, **{k: "" if agg["overall"].get(k) is None else agg["overall"][k] for k in RUNS_COLUMNS}}
+            for label, agg in metrics.get("results", {}).items()]
+
+
+def runs_kind_rows(metrics: dict) -> list[dict]:
+    """Edit success per run x edit type."""
+    results = metrics.get("results", {})
+    kinds = list(next(iter(results.values()))["by_kind"]) if results else []
+    return [{"method": label, **{k: "" if agg["by_kind"][k].get("success") is None else agg["by_kind"][k]["success"]
+                                 for k in kinds}} for label, agg in results.items()]
+
+
+def runs_reuse_rows(metrics: dict) -> list[dict]:
+    return [{"method": label, **values} for label, values in metrics.get("reuse", {}).items()]
+
+
 def customize_rows(metrics: dict) -> list[dict]:
     """One row per method (means over its concepts) and the `real` ceiling, from metrics/customize.json."""
     return [{"method": method, **{k: values.get(k, "") for k in CUSTOMIZE_COLUMNS}}
@@ -121,6 +143,11 @@ def summary(repo: Path) -> str:
             lines.append(f"    {method:<16} reconstruction {_fmt(o.get('recon_psnr'))} dB, background "
                          f"{_fmt(o.get('bg_psnr'))} dB, success {_pct(o.get('success'))}, "
                          f"{_fmt(o.get('invert_seconds'))} + {_fmt(o.get('edit_seconds'))} s per case")
+    if "edit_runs" in metrics:
+        for row in runs_rows(metrics["edit_runs"]):
+            lines.append(f"  editing {row['method']:<18} success {_pct(row['success'])}, background "
+                         f"{_fmt(row['bg_psnr'])} dB, {_fmt(row['prepare_seconds'])} + {_fmt(row['edit_seconds'])} s "
+                         f"per image")
     if "customize" in metrics:
         for row in customize_rows(metrics["customize"]):
             lines.append(f"  customization {row['method']:<22} subject {_pct(row['subject_accuracy'])}, CLIP-T "
@@ -140,6 +167,10 @@ def summary(repo: Path) -> str:
             continue
         if name == "edit_benchmark":
             lines.append(f"  metrics/{name}.json: per edit type in `python -m pipelines.report --edit-table`")
+            continue
+        if name == "edit_runs":
+            lines.append(f"  metrics/{name}.json: per method and edit type in `python -m pipelines.report "
+                         "--edit-runs-table`, grids in plots/edit_runs/")
             continue
         if name == "customize":
             lines.append(f"  metrics/{name}.json: per run; tables in `python -m pipelines.report --customize-table`, "
@@ -169,7 +200,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the edit benchmark's inversion x edit type table as markdown (the README's)")
     ap.add_argument("--customize-table", action="store_true",
                     help="print the customization tables (methods, multi-concept, drift) as markdown (the README's)")
+    ap.add_argument("--edit-runs-table", action="store_true",
+                    help="print the single-image methods' tables (overall, success per edit type, reuse) as markdown")
     args = ap.parse_args(argv)
+    if args.edit_runs_table:
+        path = args.repo / RUNS_METRICS
+        if not path.is_file():
+            print(f"{path} is missing: run `dvc repro edit_runs`", file=sys.stderr)
+            return 1
+        m = json.loads(path.read_text())
+        print("\n\n".join(markdown_table(rows) for rows in (runs_rows(m), runs_kind_rows(m), runs_reuse_rows(m))))
+        return 0
     if args.customize_table:
         path = args.repo / CUSTOMIZE_METRICS
         if not path.is_file():

@@ -276,6 +276,29 @@ class CustomizeParams(Strict):
         return self
 
 
+EditorName = Literal["imagic", "unitune", "sine", "pix2pix-zero", "p2p", "instruct-pix2pix"]
+
+
+class EditRunParams(Strict):
+    method: EditorName
+    model: Literal["base", "ip2p"] = "base"  # models/base or the InstructPix2Pix model in models/ip2p
+    settings: dict = {}  # the method's config fields; checked against them when the stage starts
+
+
+class EditRunsParams(Strict):
+    n_cases: Pos = 36
+    reuse_cases: NonNeg = 2
+    runs: dict[str, EditRunParams] = {}
+    limit_per_run: Pos | None = None
+
+    @field_validator("runs")
+    @classmethod
+    def _some(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("name at least one run")
+        return v
+
+
 class Params(Strict):
     seed: NonNeg = 0
     world: WorldParams = WorldParams()
@@ -288,6 +311,7 @@ class Params(Strict):
     edit_benchmark: EditBenchmarkParams = EditBenchmarkParams()
     ip2p: Ip2pParams = Ip2pParams()
     customize: CustomizeParams = CustomizeParams()
+    edit_runs: EditRunsParams = EditRunsParams(runs={"p2p-null-text": EditRunParams(method="p2p")})
 
 
 class ParamsError(ValueError):

@@ -144,6 +144,20 @@ def differing_words(source: str, target: str) -> tuple[list[str], list[str]]:
     return keep(src), keep(tgt)
 
 
+def caption_edit_config(source: str, target: str, cross_replace: float, self_replace: float, local_blend: bool,
+                        blend_threshold: float, blend_start: float) -> P2PConfig:
+    """The Prompt-to-Prompt edit that turns caption `source` into `target`: `replace` when both
+    have the same number of words, `refine` otherwise, blending locally on the words that differ."""
+    blend = None
+    if local_blend:
+        words = differing_words(source, target)
+        if words[0] or words[1]:
+            blend = words
+    mode = "replace" if len(source.split()) == len(target.split()) else "refine"
+    return P2PConfig(edit=mode, cross_replace=cross_replace, self_replace=self_replace, blend_words=blend,
+                     blend_threshold=blend_threshold, blend_start=blend_start)
+
+
 # ---------------------------------------------------------------- settings and shards
 
 
@@ -162,13 +176,8 @@ class BenchmarkSettings:
     batch_size: int = 16
 
     def p2p(self, case: EditCase) -> P2PConfig:
-        blend = None
-        if self.local_blend:
-            words = differing_words(case.source_caption, case.target_caption)
-            if words[0] or words[1]:
-                blend = words
-        return P2PConfig(edit=case.mode, cross_replace=self.cross_replace, self_replace=self.self_replace,
-                         blend_words=blend, blend_threshold=self.blend_threshold, blend_start=self.blend_start)
+        return caption_edit_config(case.source_caption, case.target_caption, self.cross_replace, self.self_replace,
+                                   self.local_blend, self.blend_threshold, self.blend_start)
 
 
 def module_digest(module: torch.nn.Module) -> str:
@@ -180,9 +189,10 @@ def module_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(case: EditCase, method: str, settings: BenchmarkSettings, models: dict[str, str]) -> str:
+def fingerprint(case: EditCase, method: str, settings: BenchmarkSettings | dict, models: dict[str, str]) -> str:
     """Everything a shard's content depends on."""
-    blob = json.dumps({"case": case.to_dict(), "method": method, "settings": asdict(settings), "models": models},
+    settings = settings if isinstance(settings, dict) else asdict(settings)
+    blob = json.dumps({"case": case.to_dict(), "method": method, "settings": settings, "models": models},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -235,9 +245,10 @@ def region_crop(img: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
     return np.asarray(Image.fromarray(crop).resize((img.shape[1], img.shape[0]), Image.BICUBIC))
 
 
-def score_case(case: EditCase, source: np.ndarray, truth: np.ndarray, mask: np.ndarray, recon: np.ndarray,
+def score_case(case: EditCase, source: np.ndarray, truth: np.ndarray, mask: np.ndarray, recon: np.ndarray | None,
                edited: np.ndarray, scorer, judge) -> dict[str, float | None]:
-    """Every per-case metric except timings. `scorer` is a ClipScorer, `judge` an AttributeJudge."""
+    """Every per-case metric except timings. `scorer` is a ClipScorer, `judge` an AttributeJudge;
+    `recon` is None for a method that renders no reconstruction."""
     outside = ~mask
     crop = region_crop(edited, mask)
     batch = [source, edited] + ([crop] if crop is not None else [])
@@ -245,7 +256,8 @@ def score_case(case: EditCase, source: np.ndarray, truth: np.ndarray, mask: np.n
     text = scorer.text_features([case.target_caption])[0]
     hits = attribute_hits(predict(judge, edited[None]), [case.target])
     return {
-        "recon_psnr": psnr(recon, source), "recon_ssim": ssim(recon, source),
+        "recon_psnr": psnr(recon, source) if recon is not None else float("nan"),
+        "recon_ssim": ssim(recon, source) if recon is not None else float("nan"),
         "bg_psnr": psnr(edited, source, outside), "bg_mse": mse(edited, source, outside),
         "bg_ssim": ssim(edited, source, outside),
         "gt_psnr_in": psnr(edited, truth, mask), "gt_psnr_out": psnr(edited, truth, outside),
@@ -356,7 +368,8 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return round(float(np.mean(v)), 4) if v else None
 
 
-def aggregate(records: Sequence[dict], methods: Sequence[str], kinds: Sequence[str] = KINDS) -> dict:
+def aggregate(records: Sequence[dict], methods: Sequence[str], kinds: Sequence[str] = KINDS,
+              metrics: Sequence[str] = METRICS) -> dict:
     """{method: {"overall": {...}, "by_kind": {kind: {...}}}}: means of every metric (metrics
     undefined for a case, e.g. background PSNR when the edit changes every pixel, are left out of
     their mean) and the number of cases."""
@@ -366,7 +379,7 @@ def aggregate(records: Sequence[dict], methods: Sequence[str], kinds: Sequence[s
         groups = {"overall": rows, **{k: [r for r in rows if r["case"]["kind"] == k] for k in kinds}}
         summary = {}
         for name, group in groups.items():
-            summary[name] = {"n": len(group), **{k: _mean(r["metrics"].get(k) for r in group) for k in METRICS}}
+            summary[name] = {"n": len(group), **{k: _mean(r["metrics"].get(k) for r in group) for k in metrics}}
         out[m] = {"overall": summary.pop("overall"), "by_kind": summary}
     return out
 
@@ -386,12 +399,13 @@ def cases_csv(records: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
-def edit_grid(bench: EditBenchmark, cases: Sequence[EditCase], methods: Sequence[str], per_kind: int = 2,
-              scale: int = 3) -> Image.Image | None:
+def edit_grid(bench, cases: Sequence[EditCase], methods: Sequence[str], per_kind: int = 2, scale: int = 3,
+              kinds: Sequence[str] = KINDS) -> Image.Image | None:
     """Rows of input | ground truth | each method's edit, for the first `per_kind` cases of each
-    kind that every method has finished."""
+    kind that every method has finished. `bench` is an `EditBenchmark` or anything with its
+    `renderer`, `work_dir` and `fingerprint`."""
     rows = []
-    for kind in KINDS:
+    for kind in kinds:
         done = [c for c in cases if c.kind == kind
                 and all(read_shard(bench.work_dir, m, c, bench.fingerprint(c, m)) for m in methods)]
         for c in done[:per_kind]:

@@ -1,0 +1,354 @@
+"""The interface the single-image editing methods share, their cached parts and the pieces
+they are built from (a per-image fine-tune, a guided DDIM loop).
+
+An editor turns an `EditRequest` (image, source caption, target caption, and optionally an
+instruction or sentence sets) into an `EditOutput`. The expensive work a method does before it
+can edit -- an optimised embedding, a fine-tuned UNet, an inversion, an edit direction -- is a
+*part*: a dict of tensors cached under a key of (image, model, the part's own settings, the
+parts it was made from), so a second edit of the same image reuses what does not depend on the
+target. Each part's time is reported apart from the edit's, and so is what a method keeps per
+image, so a user can see what caching buys.
+
+The base model is never changed: a fine-tune trains a copy of the UNet, and the samplers take
+the UNet to run as an argument.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from manip.sampling import check_prompts, decode, encode_prompts
+from manip.training.checkpoint import atomic_write
+from manip.training.images import batch_rng
+from manip.training.loop import LoopConfig, train
+from manip.training.unet import diffusion_loss
+
+from ..images import load_image
+from ..inversion import _alpha, ddim_scheduler, encode_image, model_id, to_eps
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    image: np.ndarray  # uint8 HxWx3 at the model's resolution (see `prepare_request`)
+    source: str  # caption of the input image
+    target: str  # caption of the wanted output
+    instruction: str | None = None  # for instruction-following editors
+    # pix2pix-zero's sentence sets (source-side, target-side); None: the two captions alone.
+    sentences: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+    seed: int = 0
+
+
+@dataclass
+class EditOutput:
+    image: np.ndarray  # uint8 HxWx3
+    reconstruction: np.ndarray | None  # the method's rendition of the input, where it has one
+    seconds: dict[str, float]  # per part, and "edit" for the rest; a cached part costs its load time
+    cached: dict[str, bool]  # per part: read from the cache rather than computed
+    stored_bytes: int  # what the method keeps per image to edit it again
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. an eta sweep
+
+    @property
+    def total_seconds(self) -> float:
+        return round(sum(self.seconds.values()), 3)
+
+
+def prepare_request(pipe: StableDiffusionPipeline, image, source: str, target: str, **kw) -> tuple[EditRequest, list[str]]:
+    """An `EditRequest` from any image input `load_image` takes, with its notes (e.g. a resize);
+    empty or over-long prompts are refused here, before any work."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    arr, notes = load_image(image, size)
+    prompts = [source, target, *([kw["instruction"]] if kw.get("instruction") else [])]
+    if any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError("source, target and instruction prompts must be non-empty strings")
+    check_prompts(pipe.tokenizer, prompts)
+    return EditRequest(arr, source, target, **kw), notes
+
+
+def digest(*items) -> str:
+    """Key of a part: arrays and tensors by their bytes, everything else by its JSON."""
+    h = hashlib.sha256()
+    for item in items:
+        if isinstance(item, np.ndarray):
+            h.update(str(item.shape).encode() + item.tobytes())
+        elif torch.is_tensor(item):
+            h.update(str(tuple(item.shape)).encode() + item.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(json.dumps(item, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+class PartCache:
+    """Parts on disk as `<root>/<method>/<part>/<key>.safetensors`, written atomically. With no
+    root, parts live in a temporary folder removed by `close`. A fine-tune in progress keeps its
+    checkpoints beside its part, so a killed one resumes."""
+
+    def __init__(self, root: str | Path | None = None):
+        self._temp = None if root is not None else tempfile.mkdtemp(prefix="manip-parts-")
+        self.root = Path(root if root is not None else self._temp)
+
+    def path(self, method: str, part: str, key: str) -> Path:
+        return self.root / method / part / f"{key}.safetensors"
+
+    def checkpoint_dir(self, method: str, part: str, key: str) -> Path:
+        return self.root / method / part / f"{key}.ckpt"
+
+    def load(self, method: str, part: str, key: str) -> Tensors | None:
+        path = self.path(method, part, key)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(str(path))
+        except (OSError, SafetensorError):
+            return None  # a damaged part is recomputed, not trusted
+
+    def store(self, method: str, part: str, key: str, tensors: Tensors) -> int:
+        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        atomic_write(self.path(method, part, key), data)
+        shutil.rmtree(self.checkpoint_dir(method, part, key), ignore_errors=True)
+        return len(data)
+
+    def close(self) -> None:
+        if self._temp is not None:
+            shutil.rmtree(self._temp, ignore_errors=True)
+
+
+class _Run:
+    """Bookkeeping of one edit: seconds and cache hits per part, bytes kept per image."""
+
+    def __init__(self, editor: "SingleImageEditor", request: EditRequest):
+        self.editor, self.request = editor, request
+        self.seconds: dict[str, float] = {}
+        self.cached: dict[str, bool] = {}
+        self.stored = 0
+        self.started = time.perf_counter()
+
+    def part(self, name: str, key_items: Sequence, make: Callable[[Path], Tensors], keep: bool = True) -> Tensors:
+        """The cached part `name`, made by `make(checkpoint_dir)` on a miss. `keep`: whether the
+        method needs it again to re-edit the image (counted in `stored_bytes`)."""
+        cache, method = self.editor.cache, self.editor.name
+        key = digest(self.editor.model, *key_items)
+        started = time.perf_counter()
+        tensors = cache.load(method, name, key)
+        hit = tensors is not None
+        if not hit:
+            tensors = make(cache.checkpoint_dir(method, name, key))
+            cache.store(method, name, key, tensors)
+        self.seconds[name] = round(time.perf_counter() - started, 3)
+        self.cached[name] = hit
+        if keep:
+            self.stored += sum(t.numel() * t.element_size() for t in tensors.values())
+        return tensors
+
+    def output(self, image: np.ndarray, reconstruction: np.ndarray | None, **extras: np.ndarray) -> EditOutput:
+        total = time.perf_counter() - self.started
+        self.seconds["edit"] = round(total - sum(self.seconds.values()), 3)
+        return EditOutput(image, reconstruction, self.seconds, self.cached, self.stored, dict(extras))
+
+
+class SingleImageEditor(ABC):
+    """One editing method. Subclasses set `name`, `Config` (a frozen dataclass validated in
+    `__post_init__`) and implement `_edit`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, pipe: StableDiffusionPipeline, config=None, cache: PartCache | None = None):
+        self.pipe = pipe
+        self.config = config if config is not None else self.Config()
+        if not isinstance(self.config, self.Config):
+            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, got {type(self.config).__name__}")
+        self.cache = cache if cache is not None else PartCache()
+        self.model = model_id(pipe)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    def settings(self) -> dict:
+        return asdict(self.config)
+
+    def edit(self, request: EditRequest) -> EditOutput:
+        return self._edit(self.start(request))
+
+    def start(self, request: EditRequest) -> _Run:
+        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        if request.image.shape != (size, size, 3) or request.image.dtype != np.uint8:
+            raise ValueError(f"{self.name}: the image must be uint8 {size}x{size}x3 (use prepare_request), "
+                             f"got {request.image.dtype} {request.image.shape}")
+        return _Run(self, request)
+
+    @abstractmethod
+    def _edit(self, run: _Run) -> EditOutput: ...
+
+    # ---- shared pieces
+
+    def latents(self, image: np.ndarray) -> torch.Tensor:
+        return encode_image(self.pipe, image)
+
+    def text(self, prompts: Sequence[str]) -> torch.Tensor:
+        return encode_prompts(self.pipe, list(prompts)).clone()
+
+    def noise(self, seed: int, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """x_T from a CPU generator, so a seed gives the same noise on any device."""
+        cfg = self.pipe.unet.config
+        shape = shape or (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(self.device)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        return decode(self.pipe, latents)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """A per-image fine-tune: `steps` optimizer steps, each on `batch` noisings of the image."""
+
+    steps: int
+    lr: float
+    batch: int = 4
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch < 1 or self.lr <= 0:
+            raise ValueError(f"a fine-tune needs steps >= 1, batch >= 1 and lr > 0, got {self}")
+
+
+class Holder(torch.nn.Module):
+    """A free tensor as a module, so the training loop can optimise and checkpoint it."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = torch.nn.Parameter(value.detach().clone())
+
+
+def fit(module: torch.nn.Module, loss: Callable[[torch.Generator, np.random.Generator], torch.Tensor],
+        cfg: TuneConfig, seed: int, checkpoint_dir: Path, desc: str, fingerprint: dict) -> torch.nn.Module:
+    """Optimise `module`'s trainable parameters with the project's loop: constant rate after a
+    short warm-up, atomic checkpoints every quarter of the run, exact resume."""
+    loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup=min(10, cfg.steps - 1),
+                      checkpoint_every=max(1, cfg.steps // 4), log_every=max(1, min(25, cfg.steps)))
+
+    def step_loss(step: int):
+        rng = batch_rng(seed, step)
+        return loss(torch.Generator().manual_seed(int(rng.integers(2**62))), rng), {}
+
+    result = train(module, step_loss, loop, checkpoint_dir, desc=desc, fingerprint=fingerprint)
+    module.requires_grad_(False)
+    return result.model
+
+
+def denoising_loss(pipe: StableDiffusionPipeline, unet, latents: torch.Tensor, context: torch.Tensor,
+                   gen: torch.Generator) -> torch.Tensor:
+    """The LDM loss of `latents` (B, C, h, w) under `context` (B or 1, K, D)."""
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return diffusion_loss(unet, scheduler, latents, context.expand(len(latents), *context.shape[-2:]), gen)
+
+
+def tuned_unet(pipe: StableDiffusionPipeline, state: Tensors | None = None):
+    """A trainable copy of the base UNet, with `state` loaded if given; the base is untouched."""
+    unet = copy.deepcopy(pipe.unet)
+    if state is not None:
+        unet.load_state_dict({k: v.to(unet.dtype) for k, v in state.items()})
+    return unet.requires_grad_(state is None).to(pipe.unet.device)
+
+
+def finetune(pipe: StableDiffusionPipeline, batches: Callable[[np.random.Generator, int], tuple[torch.Tensor, torch.Tensor]],
+             cfg: TuneConfig, seed: int, checkpoint_dir: Path, desc: str, fingerprint: dict) -> Tensors:
+    """Fine-tune a copy of the UNet on `batches(rng, n) -> (latents, context)` and return its
+    weights. The base UNet's own weights are never touched."""
+    unet = tuned_unet(pipe)
+    unet.train()
+
+    def loss(gen, rng):
+        latents, context = batches(rng, cfg.batch)
+        return denoising_loss(pipe, unet, latents, context, gen)
+
+    fit(unet, loss, cfg, seed, checkpoint_dir, desc, fingerprint)
+    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+Predict = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def ddim_sample(pipe: StableDiffusionPipeline, latents: torch.Tensor, predict: Predict, steps: int,
+                start: float = 1.0, after_step: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None,
+                steer: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Deterministic DDIM from `latents` at the noise level of fraction `start` of the schedule
+    (1: pure noise, < 1: an SDEdit-style partial run) to x_0. `predict(x, t, i)` returns the
+    noise prediction (guidance already applied); `steer(i, t, x)` may move the latents before
+    the prediction, by gradient (autograd is on for it); `after_step(i, t, x)` may replace them
+    after the step."""
+    scheduler = ddim_scheduler(pipe)
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.tolist()
+    first = len(timesteps) - max(1, round(start * len(timesteps)))
+    stride = scheduler.config.num_train_timesteps // steps
+    x = latents
+    for i in range(first, len(timesteps)):
+        t = timesteps[i]
+        if steer is not None:
+            with torch.enable_grad():
+                x = steer(i, t, x).detach()
+        with torch.no_grad():
+            eps = predict(x, t, i)
+            x = _ddim_step(x, eps, _alpha(scheduler, t), _alpha(scheduler, t - stride))
+            if after_step is not None:
+                x = after_step(i, t, x)
+    return x
+
+
+def _ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor) -> torch.Tensor:
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+
+def noised(pipe: StableDiffusionPipeline, z0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+    """q(x_t | x_0) at timestep t (t < 0: x_0 itself)."""
+    a = _alpha(ddim_scheduler(pipe), t).to(z0)
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+
+def start_timestep(pipe: StableDiffusionPipeline, steps: int, start: float) -> int:
+    """The timestep `ddim_sample(..., start=start)` begins at."""
+    scheduler = ddim_scheduler(pipe)
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.tolist()
+    return timesteps[len(timesteps) - max(1, round(start * len(timesteps)))]
+
+
+def eps_of(pipe: StableDiffusionPipeline, unet, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
+    """Noise prediction of `unet` for latents x (B, ...) under context (B, K, D), whatever the
+    model's prediction type."""
+    out = unet(x, t, encoder_hidden_states=context).sample
+    a = _alpha(ddim_scheduler(pipe), t).to(x)
+    return to_eps(out, x, a, pipe.scheduler.config.prediction_type)
+
+
+def cfg_predictor(pipe: StableDiffusionPipeline, unet, cond: torch.Tensor, uncond: torch.Tensor,
+                  scale: float) -> Predict:
+    """Classifier-free guidance with both branches in one batch; `cond` may hold several rows
+    (a sweep), each guided against the same unconditional context."""
+    n = len(cond)
+    context = torch.cat([uncond.expand(n, *uncond.shape[-2:]), cond])
+
+    def predict(x, t, i):
+        if x.shape[0] != n:
+            x = x.expand(n, *x.shape[1:])
+        e_u, e_c = eps_of(pipe, unet, torch.cat([x, x]), t, context).chunk(2)
+        return e_u + scale * (e_c - e_u)
+
+    return predict

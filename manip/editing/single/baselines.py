@@ -1,0 +1,82 @@
+"""The two baselines behind the single-image interface: Prompt-to-Prompt through any inversion,
+and an InstructPix2Pix model following an instruction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..benchmark import caption_edit_config
+from ..edit import edit_inverted
+from ..inversion import METHODS, Inversion, invert
+from .base import EditOutput, SingleImageEditor, _Run
+
+
+@dataclass(frozen=True)
+class PromptToPromptConfig:
+    inversion: str = "null-text"
+    steps: int = 50
+    guidance_scale: float = 7.5
+    null_text_inner_steps: int = 10
+    cross_replace: float = 0.8
+    self_replace: float = 0.4
+    local_blend: bool = True
+    blend_threshold: float = 0.3
+    blend_start: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.inversion not in METHODS:
+            raise ValueError(f"unknown inversion {self.inversion!r}; known: {METHODS}")
+
+
+class PromptToPrompt(SingleImageEditor):
+    """The inversion is the cached part: keyed by image and source caption, it serves every
+    target caption."""
+
+    name = "p2p"
+    Config = PromptToPromptConfig
+    config: PromptToPromptConfig
+
+    def _edit(self, run: _Run) -> EditOutput:
+        r, c = run.request, self.config
+
+        def make(_):
+            inv = invert(self.pipe, r.image, r.source, c.inversion, c.steps, c.guidance_scale, c.null_text_inner_steps)
+            return {"trajectory": inv.trajectory, "uncond": inv.uncond}
+
+        part = run.part(f"inversion-{c.inversion}", [r.image, r.source, c.inversion, c.steps, c.guidance_scale,
+                                                     c.null_text_inner_steps], make)
+        size = r.image.shape[0]
+        inv = Inversion(c.inversion, r.source, c.steps, c.guidance_scale, part["trajectory"], part["uncond"],
+                        self.model, size)
+        config = caption_edit_config(r.source, r.target, c.cross_replace, c.self_replace, c.local_blend,
+                                     c.blend_threshold, c.blend_start)
+        images = edit_inverted(self.pipe, inv, [r.target], config)
+        return run.output(images[1], images[0])
+
+
+@dataclass(frozen=True)
+class InstructPix2PixConfig:
+    steps: int = 50
+    guidance_scale: float = 7.5
+    image_guidance_scale: float = 1.5
+
+
+class InstructPix2Pix(SingleImageEditor):
+    """`pipe` is a `StableDiffusionInstructPix2PixPipeline`; it edits in one pass and keeps nothing."""
+
+    name = "instruct-pix2pix"
+    Config = InstructPix2PixConfig
+    config: InstructPix2PixConfig
+
+    @torch.inference_mode()
+    def _edit(self, run: _Run) -> EditOutput:
+        r, c = run.request, self.config
+        if not r.instruction:
+            raise ValueError("instruct-pix2pix edits by instruction: the request has none")
+        out = self.pipe(prompt=r.instruction, image=Image.fromarray(r.image), num_inference_steps=c.steps,
+                        guidance_scale=c.guidance_scale, image_guidance_scale=c.image_guidance_scale,
+                        generator=torch.Generator().manual_seed(r.seed), output_type="np").images[0]
+        return run.output((out * 255).round().astype(np.uint8), None)

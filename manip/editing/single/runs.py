@@ -1,0 +1,158 @@
+"""Every editing method on the same EmojiWorld-Edit cases, scored like the inversion benchmark.
+
+A *run* is a labelled (method, settings) pair. Each (run, case) is one shard under the work
+directory (JSON scores + a PNG of reconstruction and edit, written atomically, keyed by a
+fingerprint of everything that produced it), so a killed run resumes and a changed setting
+recomputes only what it affects. A case's parts (fine-tuned weights, inversions) are cached
+under the work directory while the case is in progress, so an interrupted fine-tune resumes
+from its checkpoint, and are removed once its shard is written: the benchmark measures what a
+method stores per image without keeping 4 MB of weights per case on disk.
+
+The first `reuse_cases` cases are edited a second time toward another target with the parts
+still cached: the time of that second edit is what a user re-editing an image pays.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from manip.runtime import PeakMemory
+from manip.training.checkpoint import atomic_write
+from manip.world.captions import all_captions
+from manip.world.edits import render_edit
+
+from ..benchmark import (KINDS, METRICS, EditCase, _clean, _resize, fingerprint, module_digest, read_shard,
+                         score_case, shard_paths)
+from ..inversion import model_id
+from . import EDITORS, make_config
+from .base import EditRequest, PartCache
+
+RUN_METRICS: tuple[str, ...] = (*METRICS, "prepare_seconds", "peak_memory_mb", "stored_bytes")
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    label: str
+    method: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    model: str = "base"  # which of the runner's pipelines it edits with
+
+    def config(self):
+        return make_config(self.method, self.settings)
+
+
+def case_seed(seed: int, case: EditCase) -> int:
+    """The same noise for every method on a case."""
+    return int(np.random.default_rng([seed, 7, case.index, KINDS.index(case.kind)]).integers(2**31))
+
+
+class MethodRuns:
+    """`pipes` maps a run's `model` name to its pipeline; `instruction(case)` phrases a case as
+    an instruction for the instruction-following methods; `second_target(case)` gives the
+    other target caption of a reuse measurement."""
+
+    def __init__(self, pipes: dict[str, Any], renderer, scorer, judge, runs: Sequence[MethodRun], work_dir: str | Path,
+                 seed: int, instruction: Callable[[EditCase], str], second_target: Callable[[EditCase], str],
+                 reuse_cases: int = 2):
+        labels = [r.label for r in runs]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"run labels must be distinct, got {labels}")
+        missing = sorted({r.model for r in runs} - set(pipes))
+        if missing:
+            raise ValueError(f"runs name models {missing} that were not given; have {sorted(pipes)}")
+        self.pipes, self.renderer, self.scorer, self.judge = pipes, renderer, scorer, judge
+        self.runs = {r.label: r for r in runs}
+        self.configs = {r.label: r.config() for r in runs}
+        self.work_dir, self.seed = Path(work_dir), seed
+        self.instruction, self.second_target, self.reuse_cases = instruction, second_target, reuse_cases
+        self.models = {name: model_id(p) for name, p in pipes.items()}
+        self.models.update(clip=module_digest(scorer.model), judge=module_digest(judge), world_size=str(renderer.size))
+        self._reused: set[str] = set()
+        self.size = renderer.size
+
+    def fingerprint(self, case: EditCase, label: str) -> str:
+        run = self.runs[label]
+        settings = {"method": run.method, "config": asdict(self.configs[label]), "model": run.model, "seed": self.seed,
+                    "reuse": case.case_id in self._reused}
+        return fingerprint(case, label, settings, self.models)
+
+    def request(self, case: EditCase, source: np.ndarray, target: str | None = None) -> EditRequest:
+        return EditRequest(image=source, source=case.source_caption, target=target or case.target_caption,
+                           instruction=self.instruction(case),
+                           sentences=(tuple(all_captions(case.source)), tuple(all_captions(case.target))),
+                           seed=case_seed(self.seed, case))
+
+    def _compute(self, case: EditCase, label: str) -> tuple[dict, bytes]:
+        run = self.runs[label]
+        pipe = self.pipes[run.model]
+        parts = self.work_dir / ".parts" / label / case.case_id
+        cache = PartCache(parts)
+        editor = EDITORS[run.method](pipe, self.configs[label], cache)
+        source, truth, mask = render_edit(self.renderer, case.edit)
+        model_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        image = _resize(source, model_size)
+        with PeakMemory() as peak:
+            out = editor.edit(self.request(case, image))
+        edited = _resize(out.image, self.size)
+        recon = _resize(out.reconstruction, self.size) if out.reconstruction is not None else None
+        metrics = score_case(case, source, truth, mask, recon, edited, self.scorer, self.judge)
+        prepare = sum(v for k, v in out.seconds.items() if k != "edit")
+        metrics.update(invert_seconds=prepare, prepare_seconds=prepare, edit_seconds=out.seconds["edit"],
+                       peak_memory_mb=peak.megabytes, stored_bytes=out.stored_bytes)
+        record = {"fingerprint": self.fingerprint(case, label), "method": label, "case": case.to_dict(),
+                  "part_seconds": out.seconds, "metrics": {k: _clean(v) for k, v in metrics.items()}}
+        if case.case_id in self._reused:
+            again = editor.edit(self.request(case, image, self.second_target(case)))
+            record["second_edit"] = {"seconds": again.seconds, "cached": again.cached,
+                                     "total_seconds": again.total_seconds, "first_total_seconds": out.total_seconds}
+        shutil.rmtree(parts, ignore_errors=True)
+        buf = io.BytesIO()
+        left = recon if recon is not None else np.zeros_like(edited)
+        Image.fromarray(np.concatenate([left, edited], 1)).save(buf, format="PNG")
+        return record, buf.getvalue()
+
+    def run(self, cases: Sequence[EditCase], labels: Sequence[str] | None = None, limit: int | None = None,
+            progress: bool = True) -> tuple[int, int]:
+        """Compute every missing (run, case) shard, at most `limit` in this call; (computed, remaining)."""
+        labels = list(labels or self.runs)
+        self._reused = {c.case_id for c in cases[: self.reuse_cases]}
+        pending = [(label, c) for label in labels for c in cases
+                   if read_shard(self.work_dir, label, c, self.fingerprint(c, label)) is None]
+        todo = pending if limit is None else pending[:limit]
+        for label, case in tqdm(todo, desc="edit runs", dynamic_ncols=True, disable=not progress):
+            record, png = self._compute(case, label)
+            js, png_path = shard_paths(self.work_dir, label, case.case_id)
+            atomic_write(png_path, png)  # the JSON goes last: its presence means the shard is whole
+            atomic_write(js, json.dumps(record, indent=1).encode())
+        return len(todo), len(pending) - len(todo)
+
+    def records(self, cases: Sequence[EditCase], labels: Sequence[str] | None = None) -> list[dict]:
+        self._reused = {c.case_id for c in cases[: self.reuse_cases]}
+        out = []
+        for c in cases:
+            for label in labels or self.runs:
+                rec = read_shard(self.work_dir, label, c, self.fingerprint(c, label))
+                if rec is not None:
+                    out.append(rec)
+        return out
+
+
+def reuse_summary(records: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Per run: mean seconds of a first edit and of a second edit of the same image, and the ratio."""
+    out: dict[str, dict[str, float]] = {}
+    for label in dict.fromkeys(r["method"] for r in records):
+        pairs = [r["second_edit"] for r in records if r["method"] == label and "second_edit" in r]
+        if pairs:
+            first = float(np.mean([p["first_total_seconds"] for p in pairs]))
+            second = float(np.mean([p["total_seconds"] for p in pairs]))
+            out[label] = {"n": len(pairs), "first_seconds": round(first, 3), "second_seconds": round(second, 3),
+                          "speedup": round(first / max(second, 1e-9), 2)}
+    return out

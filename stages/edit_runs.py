@@ -1,0 +1,118 @@
+"""Stage `edit_runs`: every single-image editing method (Imagic, UniTune, SINE, pix2pix-zero) and
+the baselines (Prompt-to-Prompt through an inversion, InstructPix2Pix) on the same
+EmojiWorld-Edit cases: the first `n_cases` of the edit benchmark's list, the same for all.
+
+Inputs: models/base, models/ip2p (when a run edits with it), models/clip, models/judge,
+data/world/test and the emoji artwork. Outputs: metrics/edit_runs.json (means per run overall
+and per edit type, seconds per reusable part and per edit, peak memory, bytes stored per image,
+the speed-up of a second edit of the same image), plots/edit_runs_cases.csv (one row per run x
+case) and plots/edit_runs/<edit type>.png (input | ground truth | each run).
+
+Work is kept per (run, case) under data/edit_runs/ and resumed; `limit_per_run` caps how many
+shards one invocation computes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from manip.runtime import device, set_threads
+from manip.training.checkpoint import atomic_write
+
+from ._runner import main
+from .common import require
+from .params import Params, load_params
+
+MODELS = {"base": Path("models/base"), "ip2p": Path("models/ip2p")}
+CLIP, JUDGE = Path("models/clip"), Path("models/judge")
+TEST = Path("data/world/test")
+WORK = Path("data/edit_runs")
+METRICS = Path("metrics/edit_runs.json")
+CASES_CSV = Path("plots/edit_runs_cases.csv")
+GRIDS = Path("plots/edit_runs")
+STAGE_OF = {"base": "unet", "ip2p": "ip2p_finetune"}
+
+
+def run(params: Params, progress: bool = True) -> dict:
+    p = params.edit_runs
+    set_threads()
+    from manip.editing.single.runs import MethodRun
+
+    # Settings are checked against each method's config before any model loads.
+    runs = [MethodRun(label, r.method, r.settings, r.model) for label, r in p.runs.items()]
+    for r in runs:
+        r.config()
+
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+
+    from manip.editing.benchmark import KINDS, aggregate, build_cases, cases_csv, edit_grid
+    from manip.editing.single.runs import RUN_METRICS, MethodRuns, reuse_summary
+    from manip.ip2p.rules import instruction
+    from manip.metrics.clip_scores import ClipScorer
+    from manip.metrics.judge import AttributeJudge
+    from manip.world import Artwork, Renderer
+    from manip.world.captions import caption
+    from manip.world.dataset import load_split
+    from manip.world.edits import EditNotApplicable, apply_edit
+
+    loaders = {"base": StableDiffusionPipeline, "ip2p": StableDiffusionInstructPix2PixPipeline}
+    pipes = {}
+    for name in dict.fromkeys(r.model for r in runs):
+        require(MODELS[name] / "model_index.json", STAGE_OF[name])
+        pipe = loaders[name].from_pretrained(MODELS[name], safety_checker=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        pipes[name] = pipe.to(device())
+    require(CLIP / "config.json", "evaluator")
+    require(JUDGE / "config.json", "evaluator")
+    require(TEST / "images.npy", "world")
+    scorer = ClipScorer(CLIP, device=device())
+    judge = AttributeJudge.from_pretrained(JUDGE).eval().to(device())
+    renderer = Renderer(Artwork(params.world.artwork_dir), params.world.size)
+    cases = build_cases(load_split(TEST).scenes, params.seed, p.n_cases)
+
+    def phrase(case) -> str:
+        return instruction(case.edit, np.random.default_rng([params.seed, 8, case.index]))
+
+    def second_target(case) -> str:
+        """Another edit of the same scene: the next kind that applies to it."""
+        for kind in KINDS[KINDS.index(case.kind) + 1 :] + KINDS[: KINDS.index(case.kind)]:
+            try:
+                e = apply_edit(case.source, kind, np.random.default_rng([params.seed, 9, case.index]))
+            except EditNotApplicable:
+                continue
+            return caption(e.target, 0)
+        raise ValueError(f"no second edit applies to case {case.case_id}")
+
+    runner = MethodRuns(pipes, renderer, scorer, judge, runs, WORK, params.seed, phrase, second_target, p.reuse_cases)
+    computed, remaining = runner.run(cases, limit=p.limit_per_run, progress=progress)
+    labels = list(p.runs)
+    records = runner.records(cases, labels)
+    metrics = {
+        "complete": remaining == 0, "n_cases": len(cases),
+        "n_cases_by_kind": {k: sum(c.kind == k for c in cases) for k in KINDS},
+        "shards": {"done": len(records), "remaining": remaining},
+        "runs": {label: {"method": r.method, "model": r.model, "settings": r.settings} for label, r in p.runs.items()},
+        "grid_columns": ["input", "ground truth", *labels],
+        "results": aggregate(records, labels, metrics=RUN_METRICS),
+        "reuse": reuse_summary(records),
+    }
+    atomic_write(CASES_CSV, cases_csv(records))
+    for kind in KINDS:
+        grid = edit_grid(runner, cases, labels, per_kind=3, kinds=[kind])
+        if grid is not None:
+            GRIDS.mkdir(parents=True, exist_ok=True)
+            tmp = GRIDS / f".{kind}.tmp.png"
+            grid.save(tmp)
+            tmp.replace(GRIDS / f"{kind}.png")
+    atomic_write(METRICS, json.dumps(metrics, indent=1))
+    print(json.dumps({label: v["overall"] for label, v in metrics["results"].items()}, indent=1))
+    print(f"{computed} (run, case) shards computed in this run")
+    if remaining:
+        print(f"{remaining} (run, case) shards left: run the stage again to continue")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(lambda: run(load_params()))
