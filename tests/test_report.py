@@ -61,3 +61,29 @@ def test_summary_reports_instruct_pix2pix_at_the_default_scale(tmp_path):
     text = summary(tmp_path)
     assert "InstructPix2Pix (7 held-out edits, image guidance 1.5): success 50" in text
     assert "input unchanged: 0" in text and "per_kind_at_default" not in text
+
+
+def test_edit_runs_tables_and_summary(tmp_path, capsys):
+    from pipelines.report import RUNS_COLUMNS
+
+    overall = {"n": 2, **{k: 0.5 for k in RUNS_COLUMNS[1:]}, "recon_psnr": None}
+    runs = {"complete": True, "n_cases": 2,
+            "results": {m: {"overall": overall, "by_kind": {"object": {"n": 1, "success": 1.0},
+                                                            "style": {"n": 1, "success": None}}}
+                        for m in ("imagic", "instruct-pix2pix")},
+            "reuse": {"imagic": {"n": 1, "first_seconds": 4.0, "second_seconds": 2.0, "speedup": 2.0}}}
+    assert main(["--repo", str(tmp_path), "--edit-runs-table"]) == 1
+    assert "dvc repro edit_runs" in capsys.readouterr().err
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "edit_runs.json").write_text(json.dumps(runs))
+    assert main(["--repo", str(tmp_path), "--edit-runs-table"]) == 0
+    tables = capsys.readouterr().out.strip().split("\n\n")
+    assert len(tables) == 3
+    assert tables[0].splitlines()[0] == "| method | " + " | ".join(RUNS_COLUMNS) + " |"
+    assert tables[0].splitlines()[3].startswith("| instruct-pix2pix | 2 | 0.5 |") and "|  | 0.5 |" in tables[0]
+    assert tables[1].splitlines()[2] == "| imagic | 1.0 |  |"
+    assert tables[2].splitlines()[2] == "| imagic | 1 | 4.0 | 2.0 | 2.0 |"
+    text = summary(tmp_path)
+    assert [line.split()[1] for line in text.splitlines() if line.startswith("  editing ")] == [
+        "imagic", "instruct-pix2pix"]
+    assert "--edit-runs-table" in text

@@ -177,6 +177,18 @@ def test_pix2pix_zero_regularisation_whitens_the_noise():
     assert kl_loss(smooth) > kl_loss(white)
 
 
+def test_pix2pix_zero_inversion_retraces_to_the_input(pipe, image):
+    """Unregularised, unguided: the reference pass from the inverted noise lands back on the
+    input's latents (the inversion runs the DDIM ODE the sampler runs, backwards)."""
+    cfg = make_config("pix2pix-zero", {"steps": 20, "reg_steps": 0, "guidance_scale": 1.0})
+    ed = EDITORS["pix2pix-zero"](pipe, cfg, PartCache())
+    z0, cond = ed.latents(image), ed.text(["a red ball on the grass"])
+    x_T = ed.invert(z0, cond, 0)
+    back = ed.reference(x_T, cond, ed.text([""]))["latents"]
+    assert (x_T - z0).norm() > 0.5 * z0.norm()
+    assert (back - z0).norm() < 0.1 * z0.norm()
+
+
 def test_pix2pix_zero_direction_and_attention_guidance_matter(pipe, image, tmp_path):
     def edit(settings, sentences=None):
         cfg = make_config("pix2pix-zero", {**SETTINGS["pix2pix-zero"], **settings})

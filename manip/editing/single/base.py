@@ -38,7 +38,7 @@ from manip.training.loop import LoopConfig, train
 from manip.training.unet import diffusion_loss
 
 from ..images import load_image
-from ..inversion import _alpha, ddim_scheduler, encode_image, model_id, to_eps
+from ..inversion import _alpha, ddim_jump, ddim_scheduler, encode_image, model_id, to_eps
 
 Tensors = dict[str, torch.Tensor]
 
@@ -305,15 +305,10 @@ def ddim_sample(pipe: StableDiffusionPipeline, latents: torch.Tensor, predict: P
                 x = steer(i, t, x).detach()
         with torch.no_grad():
             eps = predict(x, t, i)
-            x = _ddim_step(x, eps, _alpha(scheduler, t), _alpha(scheduler, t - stride))
+            x = ddim_jump(x, eps, _alpha(scheduler, t), _alpha(scheduler, t - stride))
             if after_step is not None:
                 x = after_step(i, t, x)
     return x
-
-
-def _ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor) -> torch.Tensor:
-    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
 
 def noised(pipe: StableDiffusionPipeline, z0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import AttentionCall, controlled_attention
-from ..inversion import _alpha, ddim_scheduler
-from .base import EditOutput, SingleImageEditor, _Run, _ddim_step, cfg_predictor, ddim_sample, eps_of
+from ..inversion import _alpha, ddim_jump, ddim_scheduler
+from .base import EditOutput, SingleImageEditor, _Run, cfg_predictor, ddim_sample, eps_of
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class Pix2PixZero(SingleImageEditor):
                 loss = c.lambda_ac * autocorrelation_loss(e, gen, c.ac_rolls) + c.lambda_kl * kl_loss(e)
                 (grad,) = torch.autograd.grad(loss, e)
                 eps = (e - grad).detach()
-            x = _ddim_step(x, eps, _alpha(scheduler, t), _alpha(scheduler, t - stride))
+            x = ddim_jump(x, eps, _alpha(scheduler, t - stride), _alpha(scheduler, t))
         return x
 
     def reference(self, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> dict[str, torch.Tensor]:
