@@ -98,6 +98,14 @@ def test_artifacts_published(flow_repo):
     assert len(rows) == len(methods) * 7
     first = next(r for r in rows if r["inversion"] == "null-text" and r["edit"] == "all")
     assert first["recon_psnr"] == bench["inversions"]["null-text"]["overall"]["recon_psnr"]
+
+    runs_tables, runs_reports = asyncio.run(read("edit-runs")), asyncio.run(read("edit-runs-report"))
+    assert runs_tables and runs_reports
+    rows = runs_tables[0].data if isinstance(runs_tables[0].data, list) else json.loads(runs_tables[0].data)
+    runs = json.loads((repo / "metrics/edit_runs.json").read_text())
+    assert [r["method"] for r in rows] == list(runs["results"])
+    assert {"imagic", "instruct-pix2pix", "pix2pix-zero"} <= set(runs["results"])
+    assert runs_reports[0].data.count("data:image/png;base64,") == len(list((repo / "plots/edit_runs").glob("*.png")))
     assert "| null-text | all |" in edit_reports[0].data and "data:image/png;base64," in edit_reports[0].data
 
 

@@ -23,7 +23,8 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Sequence
+from contextlib import contextmanager
+from typing import Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -249,6 +250,19 @@ def fit(module: torch.nn.Module, loss: Callable[[torch.Generator, np.random.Gene
     result = train(module, step_loss, loop, checkpoint_dir, desc=desc, fingerprint=fingerprint)
     module.requires_grad_(False)
     return result.model
+
+
+@contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """No weight gradients for `module` inside the block (backward then only reaches what is
+    being optimised: an embedding, the latents); its flags are restored afterwards."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def denoising_loss(pipe: StableDiffusionPipeline, unet, latents: torch.Tensor, context: torch.Tensor,

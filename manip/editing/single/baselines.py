@@ -8,23 +8,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..benchmark import caption_edit_config
+from ..benchmark import BenchmarkSettings, caption_edit_config
 from ..edit import edit_inverted
 from ..inversion import METHODS, Inversion, invert
 from .base import EditOutput, SingleImageEditor, _Run
 
 
 @dataclass(frozen=True)
-class PromptToPromptConfig:
+class PromptToPromptConfig(BenchmarkSettings):
+    """The benchmark's Prompt-to-Prompt settings plus the inversion (`batch_size` is unused: one
+    image at a time)."""
+
     inversion: str = "null-text"
-    steps: int = 50
-    guidance_scale: float = 7.5
-    null_text_inner_steps: int = 10
-    cross_replace: float = 0.8
-    self_replace: float = 0.4
-    local_blend: bool = True
-    blend_threshold: float = 0.3
-    blend_start: float = 0.2
 
     def __post_init__(self) -> None:
         if self.inversion not in METHODS:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..attention import AttentionCall, controlled_attention
 from ..inversion import _alpha, ddim_jump, ddim_scheduler
-from .base import EditOutput, SingleImageEditor, _Run, cfg_predictor, ddim_sample, eps_of
+from .base import EditOutput, SingleImageEditor, _Run, cfg_predictor, ddim_sample, eps_of, frozen
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,7 @@ class Pix2PixZero(SingleImageEditor):
             (grad,) = torch.autograd.grad(loss, x)
             return x - c.xa_guidance * grad
 
-        edited = ddim_sample(self.pipe, x_T, guided, c.steps, steer=steer if c.xa_guidance > 0 else None)
+        with frozen(self.pipe.unet):
+            edited = ddim_sample(self.pipe, x_T, guided, c.steps, steer=steer if c.xa_guidance > 0 else None)
         images = self.decode(torch.cat([edited, ref["latents"].to(edited)]))
         return run.output(images[0], images[1])

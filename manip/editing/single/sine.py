@@ -30,7 +30,7 @@ from .base import (EditOutput, SingleImageEditor, TuneConfig, _Run, cfg_predicto
 @dataclass(frozen=True)
 class SINEConfig:
     token: str = "sks"
-    tune: TuneConfig = TuneConfig(steps=300, lr=5e-5)
+    tune: TuneConfig = TuneConfig(steps=150, lr=5e-5)
     patch_size: int = 48  # pixels; a multiple of the VAE factor
     patch_min: float = 0.6  # smallest crop, as a share of the image side
     v: float = 0.7  # weight of the fine-tuned model in the guidance

@@ -21,7 +21,7 @@ from ..inversion import ddim_scheduler
 @dataclass(frozen=True)
 class UniTuneConfig:
     token: str = "sks"
-    tune: TuneConfig = TuneConfig(steps=300, lr=5e-5)
+    tune: TuneConfig = TuneConfig(steps=150, lr=5e-5)
     start: float = 0.9
     blend_until: float = 0.2
     blend_weight: float = 0.5
