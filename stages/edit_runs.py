@@ -53,7 +53,6 @@ def run(params: Params, progress: bool = True) -> dict:
     from manip.metrics.clip_scores import ClipScorer
     from manip.metrics.judge import AttributeJudge
     from manip.world import Artwork, Renderer
-    from manip.world.captions import caption
     from manip.world.dataset import load_split
     from manip.world.edits import EditNotApplicable, apply_edit
 
@@ -72,20 +71,19 @@ def run(params: Params, progress: bool = True) -> dict:
     renderer = Renderer(Artwork(params.world.artwork_dir), params.world.size)
     cases = build_cases(load_split(TEST).scenes, params.seed, p.n_cases)
 
-    def phrase(case) -> str:
-        return instruction(case.edit, np.random.default_rng([params.seed, 8, case.index]))
+    def phrase(edit, case) -> str:
+        return instruction(edit, np.random.default_rng([params.seed, 8, case.index, edit.kind == case.kind]))
 
-    def second_target(case) -> str:
+    def second_edit(case):
         """Another edit of the same scene: the next kind that applies to it."""
         for kind in KINDS[KINDS.index(case.kind) + 1 :] + KINDS[: KINDS.index(case.kind)]:
             try:
-                e = apply_edit(case.source, kind, np.random.default_rng([params.seed, 9, case.index]))
+                return apply_edit(case.source, kind, np.random.default_rng([params.seed, 9, case.index]))
             except EditNotApplicable:
                 continue
-            return caption(e.target, 0)
         raise ValueError(f"no second edit applies to case {case.case_id}")
 
-    runner = MethodRuns(pipes, renderer, scorer, judge, runs, WORK, params.seed, phrase, second_target, p.reuse_cases)
+    runner = MethodRuns(pipes, renderer, scorer, judge, runs, WORK, params.seed, phrase, second_edit, p.reuse_cases)
     computed, remaining = runner.run(cases, limit=p.limit_per_run, progress=progress)
     labels = list(p.runs)
     records = runner.records(cases, labels)
@@ -98,7 +96,7 @@ def run(params: Params, progress: bool = True) -> dict:
         "results": aggregate(records, labels, metrics=RUN_METRICS),
         "reuse": reuse_summary(records),
     }
-    atomic_write(CASES_CSV, cases_csv(records))
+    atomic_write(CASES_CSV, cases_csv(records, RUN_METRICS))
     for kind in KINDS:
         grid = edit_grid(runner, cases, labels, per_kind=3, kinds=[kind])
         if grid is not None:

@@ -284,6 +284,13 @@ class EditRunParams(Strict):
     model: Literal["base", "ip2p"] = "base"  # models/base or the InstructPix2Pix model in models/ip2p
     settings: dict = {}  # the method's config fields; checked against them when the stage starts
 
+    @model_validator(mode="after")
+    def _model_fits_method(self) -> "EditRunParams":
+        wanted = "ip2p" if self.method == "instruct-pix2pix" else "base"
+        if self.model != wanted:
+            raise ValueError(f"{self.method} edits with model {wanted!r}, not {self.model!r}")
+        return self
+
 
 class EditRunsParams(Strict):
     n_cases: Pos = 36

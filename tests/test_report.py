@@ -81,8 +81,8 @@ def test_edit_runs_tables_and_summary(tmp_path, capsys):
     assert len(tables) == 3
     assert tables[0].splitlines()[0] == "| method | " + " | ".join(RUNS_COLUMNS) + " |"
     assert tables[0].splitlines()[3].startswith("| instruct-pix2pix | 2 | 0.5 |") and "|  | 0.5 |" in tables[0]
-    assert tables[1].splitlines()[2] == "| imagic | 1.0 |  |"
-    assert tables[2].splitlines()[2] == "| imagic | 1 | 4.0 | 2.0 | 2.0 |"
+    assert tables[1].splitlines()[2] == "| imagic | 1 |  |"
+    assert tables[2].splitlines()[2] == "| imagic | 1 | 4 | 2 | 2 |"
     text = summary(tmp_path)
     assert [line.split()[1] for line in text.splitlines() if line.startswith("  editing ")] == [
         "imagic", "instruct-pix2pix"]

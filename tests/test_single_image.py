@@ -99,7 +99,7 @@ def test_editor_outputs_cache_reuse_and_determinism(name, pipe, ip2p_pipe, image
 
     # Another target: only the parts that do not depend on it are reused.
     other = first.edit(request(pipe, image, target="a red ball in the snow", instruction="put it in the snow"))
-    assert {k for k, hit in other.cached.items() if hit} - {"direction"} == TARGET_FREE[name]
+    assert {k for k, hit in other.cached.items() if hit} == TARGET_FREE[name]
     assert not np.array_equal(other.image, out.image)
 
     # A fresh cache elsewhere reproduces the edit exactly.
@@ -108,6 +108,15 @@ def test_editor_outputs_cache_reuse_and_determinism(name, pipe, ip2p_pipe, image
     if out.reconstruction is not None:
         assert np.array_equal(fresh.reconstruction, out.reconstruction)
     assert state_digest(pipe.unet) == before  # per-image fine-tunes train a copy
+
+
+def test_methods_run_on_a_v_prediction_model(image, tmp_path):
+    """SD 2.x-style models: fine-tunes train on the velocity, samplers convert it to noise."""
+    vpipe = tiny_pipeline("v_prediction", smooth=True)
+    for name in ("imagic", "unitune", "sine", "pix2pix-zero"):
+        out = editor(name, vpipe, None, PartCache(tmp_path)).edit(request(vpipe, image))
+        assert out.image.shape == (32, 32, 3) and out.reconstruction.shape == (32, 32, 3)
+        assert np.isfinite(out.image.astype(float)).all() and out.image.std() > 0
 
 
 def test_base_model_on_disk_is_never_modified(tmp_path, image):
@@ -159,6 +168,17 @@ def test_imagic_eta_sweep_reuses_stages_one_and_two(pipe, image, tmp_path):
     assert again.cached == {"embedding": True, "finetune": True}
 
 
+def test_unitune_blend_covers_the_steps_it_runs(pipe, image, tmp_path):
+    """Blending every step of a half-schedule run at weight 1 pins it to the noised input, so
+    it ends on the input's own latents."""
+    from manip.metrics.image_quality import psnr
+
+    cfg = make_config("unitune", {"tune": TUNE, "steps": 10, "start": 0.5, "blend_until": 1.0, "blend_weight": 1.0})
+    ed = EDITORS["unitune"](pipe, cfg, PartCache(tmp_path))
+    out = ed.edit(request(pipe, image))
+    assert psnr(out.image, ed.decode(ed.latents(image))[0]) > 30
+
+
 def test_sine_edits_at_another_resolution(pipe, image, tmp_path):
     settings = {**SETTINGS["sine"], "resolution": 48}
     out = EDITORS["sine"](pipe, make_config("sine", settings), PartCache(tmp_path)).edit(request(pipe, image))
@@ -172,16 +192,16 @@ def test_pix2pix_zero_regularisation_whitens_the_noise():
     gen = torch.Generator().manual_seed(0)
     white = torch.randn(1, 4, 16, 16, generator=gen)
     smooth = torch.nn.functional.avg_pool2d(torch.randn(1, 4, 32, 32, generator=gen), 2, 1, padding=0)[..., :16, :16] * 3
-    assert autocorrelation_loss(smooth, torch.Generator().manual_seed(1), 5) > 10 * autocorrelation_loss(
-        white, torch.Generator().manual_seed(1), 5)
+    assert autocorrelation_loss(smooth, torch.Generator().manual_seed(1)) > 3 * autocorrelation_loss(
+        white, torch.Generator().manual_seed(1))
     assert kl_loss(smooth) > kl_loss(white)
 
 
-def test_pix2pix_zero_inversion_retraces_to_the_input(pipe, image):
+def test_pix2pix_zero_inversion_retraces_to_the_input(pipe, image, tmp_path):
     """Unregularised, unguided: the reference pass from the inverted noise lands back on the
     input's latents (the inversion runs the DDIM ODE the sampler runs, backwards)."""
     cfg = make_config("pix2pix-zero", {"steps": 20, "reg_steps": 0, "guidance_scale": 1.0})
-    ed = EDITORS["pix2pix-zero"](pipe, cfg, PartCache())
+    ed = EDITORS["pix2pix-zero"](pipe, cfg, PartCache(tmp_path))
     z0, cond = ed.latents(image), ed.text(["a red ball on the grass"])
     x_T = ed.invert(z0, cond, 0)
     back = ed.reference(x_T, cond, ed.text([""]))["latents"]
@@ -356,6 +376,10 @@ def test_edit_runs_params_are_checked_before_models_load(tmp_path, monkeypatch):
     params["edit_runs"] = {"runs": {"x": {"method": "edict"}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match="edit_runs.runs.x.method"):
+        load_params("params.yaml")
+    params["edit_runs"] = {"runs": {"x": {"method": "imagic", "model": "ip2p"}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="imagic edits with model 'base'"):
         load_params("params.yaml")
     params["edit_runs"] = {"runs": {}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

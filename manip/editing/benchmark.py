@@ -387,15 +387,15 @@ def aggregate(records: Sequence[dict], methods: Sequence[str], kinds: Sequence[s
 CSV_CASE_FIELDS = ("method", "case_id", "index", "kind", "before", "after", "mode", "source_caption", "target_caption")
 
 
-def cases_csv(records: Sequence[dict]) -> str:
+def cases_csv(records: Sequence[dict], metrics: Sequence[str] = METRICS) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow([*CSV_CASE_FIELDS, *METRICS])
+    w.writerow([*CSV_CASE_FIELDS, *metrics])
     for r in records:
         c = r["case"]
         w.writerow([r["method"], c["case_id"], c["index"], c["kind"], c["before"], c["after"], c["mode"],
                     c["source_caption"], c["target_caption"],
-                    *("" if r["metrics"].get(k) is None else r["metrics"][k] for k in METRICS)])
+                    *("" if r["metrics"].get(k) is None else r["metrics"][k] for k in metrics)])
     return buf.getvalue()
 
 

@@ -38,8 +38,9 @@ def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float = 5.
 
 def diffusion_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, context: torch.Tensor,
                    generator: torch.Generator, concat: torch.Tensor | None = None,
-                   shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """The (min-SNR weighted) LDM loss of a batch. `concat` is appended to the noisy latents as
+                   shard: tuple[int, int] = (0, 1), min_snr: bool = True) -> torch.Tensor:
+    """The LDM loss of a batch, min-SNR weighted unless `min_snr=False` (the plain loss the
+    single-image editing papers fine-tune with). `concat` is appended to the noisy latents as
     extra input channels (InstructPix2Pix's image conditioning). With `shard=(rank, world)` the
     noise and timesteps are still drawn for the whole batch and this process takes every
     world-th item from `rank`, so a data-parallel run sees exactly the batch a single process would."""
@@ -55,7 +56,7 @@ def diffusion_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, contex
     model_in = noisy if concat is None else torch.cat([noisy, concat], 1)
     pred = unet(model_in, t, context).sample
     per_item = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-    return (per_item * min_snr_weights(scheduler, t)).mean()
+    return (per_item * min_snr_weights(scheduler, t)).mean() if min_snr else per_item.mean()
 
 
 def train_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encoder: CLIPTextModel,

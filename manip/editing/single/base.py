@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Callable, ClassVar, Iterator, Sequence
@@ -82,13 +82,11 @@ def prepare_request(pipe: StableDiffusionPipeline, image, source: str, target: s
 
 
 def digest(*items) -> str:
-    """Key of a part: arrays and tensors by their bytes, everything else by its JSON."""
+    """Key of a part: arrays by their bytes, everything else by its JSON."""
     h = hashlib.sha256()
     for item in items:
         if isinstance(item, np.ndarray):
             h.update(str(item.shape).encode() + item.tobytes())
-        elif torch.is_tensor(item):
-            h.update(str(tuple(item.shape)).encode() + item.detach().cpu().contiguous().numpy().tobytes())
         else:
             h.update(json.dumps(item, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
@@ -143,7 +141,7 @@ class _Run:
         """The cached part `name`, made by `make(checkpoint_dir)` on a miss. `keep`: whether the
         method needs it again to re-edit the image (counted in `stored_bytes`)."""
         cache, method = self.editor.cache, self.editor.name
-        key = digest(self.editor.model, *key_items)
+        key = digest(self.editor.identity, *key_items)
         started = time.perf_counter()
         tensors = cache.load(method, name, key)
         hit = tensors is not None
@@ -163,26 +161,35 @@ class _Run:
 
 
 class SingleImageEditor(ABC):
-    """One editing method. Subclasses set `name`, `Config` (a frozen dataclass validated in
-    `__post_init__`) and implement `_edit`."""
+    """One editing method. Subclasses set `name`, `version` (raised whenever a change alters
+    what the method computes, so cached parts and benchmark shards of older code are not
+    reused), `Config` (a frozen dataclass validated in `__post_init__`), and implement `_edit`;
+    `prompts` lists every prompt the edit will encode, checked before any work.
+
+    Results are bit-for-bit reproducible on CPU; CUDA kernels are not all deterministic."""
 
     name: ClassVar[str]
+    version: ClassVar[int] = 1
     Config: ClassVar[type]
 
-    def __init__(self, pipe: StableDiffusionPipeline, config=None, cache: PartCache | None = None):
+    def __init__(self, pipe: StableDiffusionPipeline, config, cache: PartCache):
         self.pipe = pipe
-        self.config = config if config is not None else self.Config()
+        self.config = config
         if not isinstance(self.config, self.Config):
             raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, got {type(self.config).__name__}")
-        self.cache = cache if cache is not None else PartCache()
+        self.cache = cache
         self.model = model_id(pipe)
+        # What every part depends on besides its own inputs: weights, noise schedule, code.
+        self.identity = {"model": self.model, "scheduler": {k: v for k, v in dict(pipe.scheduler.config).items()
+                                                            if not k.startswith("_")},
+                         "method": self.name, "version": self.version}
 
     @property
     def device(self) -> torch.device:
         return self.pipe.unet.device
 
-    def settings(self) -> dict:
-        return asdict(self.config)
+    def prompts(self, request: EditRequest) -> list[str]:
+        return [request.source, request.target]
 
     def edit(self, request: EditRequest) -> EditOutput:
         return self._edit(self.start(request))
@@ -192,6 +199,10 @@ class SingleImageEditor(ABC):
         if request.image.shape != (size, size, 3) or request.image.dtype != np.uint8:
             raise ValueError(f"{self.name}: the image must be uint8 {size}x{size}x3 (use prepare_request), "
                              f"got {request.image.dtype} {request.image.shape}")
+        prompts = self.prompts(request)
+        if any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ValueError(f"{self.name}: every prompt must be a non-empty string, got {prompts}")
+        check_prompts(self.pipe.tokenizer, prompts)
         return _Run(self, request)
 
     @abstractmethod
@@ -205,11 +216,12 @@ class SingleImageEditor(ABC):
     def text(self, prompts: Sequence[str]) -> torch.Tensor:
         return encode_prompts(self.pipe, list(prompts)).clone()
 
-    def noise(self, seed: int, shape: Sequence[int] | None = None) -> torch.Tensor:
-        """x_T from a CPU generator, so a seed gives the same noise on any device."""
-        cfg = self.pipe.unet.config
-        shape = shape or (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(self.device)
+    def noise(self, seed: int, side: int | None = None) -> torch.Tensor:
+        """x_T (latent side `side`, default the model's) from a CPU generator, so a seed gives the
+        same noise on any device."""
+        side = side or self.pipe.unet.config.sample_size
+        shape = (1, self.pipe.vae.config.latent_channels, side, side)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device, self.pipe.unet.dtype)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         return decode(self.pipe, latents)
@@ -238,8 +250,9 @@ class Holder(torch.nn.Module):
 
 def fit(module: torch.nn.Module, loss: Callable[[torch.Generator, np.random.Generator], torch.Tensor],
         cfg: TuneConfig, seed: int, checkpoint_dir: Path, desc: str, fingerprint: dict) -> torch.nn.Module:
-    """Optimise `module`'s trainable parameters with the project's loop: constant rate after a
-    short warm-up, atomic checkpoints every quarter of the run, exact resume."""
+    """Optimise `module`'s trainable parameters with the project's loop (a short warm-up, then
+    cosine decay to a tenth of `cfg.lr`), atomic checkpoints every quarter of the run, exact
+    resume."""
     loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup=min(10, cfg.steps - 1),
                       checkpoint_every=max(1, cfg.steps // 4), log_every=max(1, min(25, cfg.steps)))
 
@@ -267,9 +280,11 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
 
 def denoising_loss(pipe: StableDiffusionPipeline, unet, latents: torch.Tensor, context: torch.Tensor,
                    gen: torch.Generator) -> torch.Tensor:
-    """The LDM loss of `latents` (B, C, h, w) under `context` (B or 1, K, D)."""
+    """The plain (unweighted) LDM loss of `latents` (B, C, h, w) under `context` (B or 1, K, D),
+    as the single-image papers fine-tune with."""
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return diffusion_loss(unet, scheduler, latents, context.expand(len(latents), *context.shape[-2:]), gen)
+    return diffusion_loss(unet, scheduler, latents, context.expand(len(latents), *context.shape[-2:]), gen,
+                          min_snr=False)
 
 
 def tuned_unet(pipe: StableDiffusionPipeline, state: Tensors | None = None):
@@ -298,53 +313,60 @@ def finetune(pipe: StableDiffusionPipeline, batches: Callable[[np.random.Generat
 Predict = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The DDIM timesteps a run visits (from the noise level of fraction `start` of the schedule)
+    and the cumulative alpha at each of them and after each step."""
+
+    timesteps: list[int]
+    alphas: list[torch.Tensor]
+    next_alphas: list[torch.Tensor]
+
+
+def schedule(pipe: StableDiffusionPipeline, steps: int, start: float = 1.0) -> Schedule:
+    if steps < 1 or not 0.0 < start <= 1.0:
+        raise ValueError(f"need steps >= 1 and start in (0, 1], got {steps} and {start}")
+    scheduler = ddim_scheduler(pipe)
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.tolist()
+    timesteps = timesteps[len(timesteps) - max(1, round(start * len(timesteps))):]
+    stride = scheduler.config.num_train_timesteps // steps
+    return Schedule(timesteps, [_alpha(scheduler, t) for t in timesteps],
+                    [_alpha(scheduler, t - stride) for t in timesteps])
+
+
+def mix(z0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """q(x_t | x_0) for the cumulative alpha of x_t."""
+    alpha = alpha.to(z0)
+    return alpha.sqrt() * z0 + (1 - alpha).sqrt() * noise
+
+
 def ddim_sample(pipe: StableDiffusionPipeline, latents: torch.Tensor, predict: Predict, steps: int,
-                start: float = 1.0, after_step: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None,
+                start: float = 1.0, after_step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                 steer: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Deterministic DDIM from `latents` at the noise level of fraction `start` of the schedule
-    (1: pure noise, < 1: an SDEdit-style partial run) to x_0. `predict(x, t, i)` returns the
-    noise prediction (guidance already applied); `steer(i, t, x)` may move the latents before
-    the prediction, by gradient (autograd is on for it); `after_step(i, t, x)` may replace them
-    after the step."""
-    scheduler = ddim_scheduler(pipe)
-    scheduler.set_timesteps(steps)
-    timesteps = scheduler.timesteps.tolist()
-    first = len(timesteps) - max(1, round(start * len(timesteps)))
-    stride = scheduler.config.num_train_timesteps // steps
+    (1: pure noise, < 1: an SDEdit-style partial run) to x_0. `predict(x, t, k)` returns the
+    noise prediction (guidance already applied) at the run's k-th step; `steer(k, t, x)` may
+    move the latents before it, by gradient (autograd is on for it); `after_step(k, alpha, x)`
+    may replace them after the step (`alpha`: the cumulative alpha they are now at)."""
+    plan = schedule(pipe, steps, start)
     x = latents
-    for i in range(first, len(timesteps)):
-        t = timesteps[i]
+    for k, (t, a_t, a_next) in enumerate(zip(plan.timesteps, plan.alphas, plan.next_alphas)):
         if steer is not None:
             with torch.enable_grad():
-                x = steer(i, t, x).detach()
+                x = steer(k, t, x).detach()
         with torch.no_grad():
-            eps = predict(x, t, i)
-            x = ddim_jump(x, eps, _alpha(scheduler, t), _alpha(scheduler, t - stride))
+            x = ddim_jump(x, predict(x, t, k), a_t, a_next)
             if after_step is not None:
-                x = after_step(i, t, x)
+                x = after_step(k, a_next, x)
     return x
-
-
-def noised(pipe: StableDiffusionPipeline, z0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
-    """q(x_t | x_0) at timestep t (t < 0: x_0 itself)."""
-    a = _alpha(ddim_scheduler(pipe), t).to(z0)
-    return a.sqrt() * z0 + (1 - a).sqrt() * noise
-
-
-def start_timestep(pipe: StableDiffusionPipeline, steps: int, start: float) -> int:
-    """The timestep `ddim_sample(..., start=start)` begins at."""
-    scheduler = ddim_scheduler(pipe)
-    scheduler.set_timesteps(steps)
-    timesteps = scheduler.timesteps.tolist()
-    return timesteps[len(timesteps) - max(1, round(start * len(timesteps)))]
 
 
 def eps_of(pipe: StableDiffusionPipeline, unet, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
     """Noise prediction of `unet` for latents x (B, ...) under context (B, K, D), whatever the
     model's prediction type."""
     out = unet(x, t, encoder_hidden_states=context).sample
-    a = _alpha(ddim_scheduler(pipe), t).to(x)
-    return to_eps(out, x, a, pipe.scheduler.config.prediction_type)
+    return to_eps(out, x, pipe.scheduler.alphas_cumprod[t].to(x), pipe.scheduler.config.prediction_type)
 
 
 def cfg_predictor(pipe: StableDiffusionPipeline, unet, cond: torch.Tensor, uncond: torch.Tensor,

@@ -11,7 +11,7 @@ from PIL import Image
 from ..benchmark import BenchmarkSettings, caption_edit_config
 from ..edit import edit_inverted
 from ..inversion import METHODS, Inversion, invert
-from .base import EditOutput, SingleImageEditor, _Run
+from .base import EditOutput, EditRequest, SingleImageEditor, _Run
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,8 @@ class PromptToPromptConfig(BenchmarkSettings):
     inversion: str = "null-text"
 
     def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"p2p steps must be >= 1, got {self.steps}")
         if self.inversion not in METHODS:
             raise ValueError(f"unknown inversion {self.inversion!r}; known: {METHODS}")
 
@@ -58,6 +60,10 @@ class InstructPix2PixConfig:
     guidance_scale: float = 7.5
     image_guidance_scale: float = 1.5
 
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"instruct-pix2pix steps must be >= 1, got {self.steps}")
+
 
 class InstructPix2Pix(SingleImageEditor):
     """`pipe` is a `StableDiffusionInstructPix2PixPipeline`; it edits in one pass and keeps nothing."""
@@ -66,11 +72,14 @@ class InstructPix2Pix(SingleImageEditor):
     Config = InstructPix2PixConfig
     config: InstructPix2PixConfig
 
+    def prompts(self, request: EditRequest) -> list[str]:
+        if not request.instruction:
+            raise ValueError("instruct-pix2pix edits by instruction: the request has none")
+        return [request.instruction]
+
     @torch.inference_mode()
     def _edit(self, run: _Run) -> EditOutput:
         r, c = run.request, self.config
-        if not r.instruction:
-            raise ValueError("instruct-pix2pix edits by instruction: the request has none")
         out = self.pipe(prompt=r.instruction, image=Image.fromarray(r.image), num_inference_steps=c.steps,
                         guidance_scale=c.guidance_scale, image_guidance_scale=c.image_guidance_scale,
                         generator=torch.Generator().manual_seed(r.seed), output_type="np").images[0]

@@ -41,8 +41,12 @@ class ImagicConfig:
 
 class Imagic(SingleImageEditor):
     name = "imagic"
+    version = 2
     Config = ImagicConfig
     config: ImagicConfig
+
+    def prompts(self, request: EditRequest) -> list[str]:
+        return [request.target]
 
     def _parts(self, run: _Run) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(e_tgt, e_opt, fine-tuned UNet state), from the cache when present."""
@@ -80,7 +84,8 @@ class Imagic(SingleImageEditor):
         return run.output(images[0], images[1])
 
     def edit_sweep(self, request: EditRequest, etas: Sequence[float]) -> EditOutput:
-        """The configured eta's edit plus `extras["sweep"]`, one image per eta in `etas`."""
+        """The configured eta's edit plus `extras["sweep"]`, one image per eta in `etas`. The edit
+        itself is rendered in the same batch as `edit` renders it, so its bytes match."""
         run = self.start(request)
-        images = self.sweep(run, [self.config.eta, 0.0, *etas])
-        return run.output(images[0], images[1], sweep=images[2:])
+        images = self.sweep(run, [self.config.eta, 0.0])
+        return run.output(images[0], images[1], sweep=self.sweep(run, etas))

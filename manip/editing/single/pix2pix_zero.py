@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..attention import AttentionCall, controlled_attention
 from ..inversion import _alpha, ddim_jump, ddim_scheduler
-from .base import EditOutput, SingleImageEditor, _Run, cfg_predictor, ddim_sample, eps_of, frozen
+from .base import EditOutput, EditRequest, SingleImageEditor, _Run, cfg_predictor, ddim_sample, eps_of, frozen
 
 
 @dataclass(frozen=True)
@@ -44,17 +44,18 @@ class Pix2PixZeroConfig:
             raise ValueError(f"pix2pix-zero needs steps >= 1, reg_steps >= 0 and ac_rolls >= 1; got {self}")
 
 
-def autocorrelation_loss(eps: torch.Tensor, gen: torch.Generator, rolls: int) -> torch.Tensor:
-    """Squared auto-correlation of the noise at random shifts, at every level of a 2x pyramid."""
+def autocorrelation_loss(eps: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Squared auto-correlation of each (sample, channel) noise map at one random shift per
+    level of a 2x pyramid, summed (the reference implementation's loss)."""
     loss = eps.new_zeros(())
     x = eps
     while True:
-        for _ in range(rolls):
-            shift = int(torch.randint(1, max(2, x.shape[-1] // 2), (1,), generator=gen))
-            loss = loss + (x * torch.roll(x, shift, dims=2)).mean() ** 2 + (x * torch.roll(x, shift, dims=3)).mean() ** 2
+        shift = int(torch.randint(x.shape[-1] // 2, (1,), generator=gen)) if x.shape[-1] > 1 else 0
+        for dim in (2, 3):
+            loss = loss + (x * torch.roll(x, shift, dims=dim)).mean(dim=(2, 3)).pow(2).sum()
         if x.shape[-1] <= 8:
             return loss
-        x = F.avg_pool2d(x, 2) * 2  # keeps unit variance for white noise
+        x = F.avg_pool2d(x, 2)
 
 
 def kl_loss(eps: torch.Tensor) -> torch.Tensor:
@@ -76,17 +77,24 @@ class _Capture:
 
 class Pix2PixZero(SingleImageEditor):
     name = "pix2pix-zero"
+    version = 2
     Config = Pix2PixZeroConfig
     config: Pix2PixZeroConfig
 
-    def direction(self, run: _Run) -> torch.Tensor:
-        r = run.request
-        src, tgt = r.sentences if r.sentences is not None else ((r.source,), (r.target,))
+    def sentences(self, request: EditRequest) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        src, tgt = request.sentences if request.sentences is not None else ((request.source,), (request.target,))
         if not src or not tgt:
             raise ValueError("pix2pix-zero needs at least one sentence on each side of the edit direction")
-        return run.part("direction", [list(src), list(tgt)],
-                        lambda _: {"delta": self.text(tgt).mean(0, keepdim=True) - self.text(src).mean(0, keepdim=True)},
-                        keep=False)["delta"].to(self.device)
+        return tuple(src), tuple(tgt)
+
+    def prompts(self, request: EditRequest) -> list[str]:
+        src, tgt = self.sentences(request)
+        return [request.source, *src, *tgt]
+
+    def direction(self, request: EditRequest) -> torch.Tensor:
+        """Two text-encoder passes: cheaper to redo than to cache."""
+        src, tgt = self.sentences(request)
+        return self.text(tgt).mean(0, keepdim=True) - self.text(src).mean(0, keepdim=True)
 
     def invert(self, z0: torch.Tensor, cond: torch.Tensor, seed: int) -> torch.Tensor:
         """Regularised DDIM inversion z_0 -> x_T under `cond` (guidance 1)."""
@@ -100,10 +108,15 @@ class Pix2PixZero(SingleImageEditor):
             with torch.no_grad():
                 eps = eps_of(self.pipe, self.pipe.unet, x, t, cond)
             for _ in range(c.reg_steps):
+                # The reference's order: `ac_rolls` auto-correlation steps (each a 1 / ac_rolls
+                # share of lambda_ac), then one KL step.
+                for _ in range(c.ac_rolls):
+                    e = eps.detach().requires_grad_(True)
+                    (grad,) = torch.autograd.grad(autocorrelation_loss(e, gen), e)
+                    eps = (e - c.lambda_ac / c.ac_rolls * grad).detach()
                 e = eps.detach().requires_grad_(True)
-                loss = c.lambda_ac * autocorrelation_loss(e, gen, c.ac_rolls) + c.lambda_kl * kl_loss(e)
-                (grad,) = torch.autograd.grad(loss, e)
-                eps = (e - grad).detach()
+                (grad,) = torch.autograd.grad(kl_loss(e), e)
+                eps = (e - c.lambda_kl * grad).detach()
             x = ddim_jump(x, eps, _alpha(scheduler, t - stride), _alpha(scheduler, t))
         return x
 
@@ -130,12 +143,12 @@ class Pix2PixZero(SingleImageEditor):
         x_T = run.part("inversion", key, lambda _: {"x_T": self.invert(self.latents(r.image), cond, r.seed)})["x_T"]
         x_T = x_T.to(self.device)
         ref = run.part("reference", [*key, c.guidance_scale], lambda _: self.reference(x_T, cond, uncond))
-        edit_cond = cond + c.direction_scale * self.direction(run)
+        edit_cond = cond + c.direction_scale * self.direction(r)
         guided = cfg_predictor(self.pipe, self.pipe.unet, edit_cond, uncond, c.guidance_scale)
         capture = _Capture()
 
         def steer(i, t, x):
-            x = x.requires_grad_(True)
+            x = x.detach().requires_grad_(True)
             capture.maps = {}
             with controlled_attention(self.pipe.unet, capture):
                 eps_of(self.pipe, self.pipe.unet, x, t, edit_cond)

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from manip.runtime import PeakMemory
 from manip.training.checkpoint import atomic_write
-from manip.world.captions import all_captions
-from manip.world.edits import render_edit
+from manip.world.captions import all_captions, caption
+from manip.world.edits import Edit, render_edit
 
 from ..benchmark import (KINDS, METRICS, EditCase, _clean, _resize, fingerprint, module_digest, read_shard,
                          score_case, shard_paths)
@@ -35,7 +35,8 @@ from ..inversion import model_id
 from . import EDITORS, make_config
 from .base import EditRequest, PartCache
 
-RUN_METRICS: tuple[str, ...] = (*METRICS, "prepare_seconds", "peak_memory_mb", "stored_bytes")
+RUN_METRICS: tuple[str, ...] = (*(m for m in METRICS if m != "invert_seconds"), "prepare_seconds", "peak_memory_mb",
+                                 "stored_bytes")
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,12 @@ def case_seed(seed: int, case: EditCase) -> int:
 
 
 class MethodRuns:
-    """`pipes` maps a run's `model` name to its pipeline; `instruction(case)` phrases a case as
-    an instruction for the instruction-following methods; `second_target(case)` gives the
-    other target caption of a reuse measurement."""
+    """`pipes` maps a run's `model` name to its pipeline; `instruction(edit, case)` phrases an
+    edit as an instruction for the instruction-following methods; `second_edit(case)` is another
+    edit of the case's scene, for the reuse measurement."""
 
     def __init__(self, pipes: dict[str, Any], renderer, scorer, judge, runs: Sequence[MethodRun], work_dir: str | Path,
-                 seed: int, instruction: Callable[[EditCase], str], second_target: Callable[[EditCase], str],
+                 seed: int, instruction: Callable[[Edit, EditCase], str], second_edit: Callable[[EditCase], Edit],
                  reuse_cases: int = 2):
         labels = [r.label for r in runs]
         if len(set(labels)) != len(labels):
@@ -72,22 +73,28 @@ class MethodRuns:
         self.runs = {r.label: r for r in runs}
         self.configs = {r.label: r.config() for r in runs}
         self.work_dir, self.seed = Path(work_dir), seed
-        self.instruction, self.second_target, self.reuse_cases = instruction, second_target, reuse_cases
-        self.models = {name: model_id(p) for name, p in pipes.items()}
-        self.models.update(clip=module_digest(scorer.model), judge=module_digest(judge), world_size=str(renderer.size))
+        self.instruction, self.second_edit, self.reuse_cases = instruction, second_edit, reuse_cases
+        self.model_ids = {name: model_id(p) for name, p in pipes.items()}
+        self.scoring = {"clip": module_digest(scorer.model), "judge": module_digest(judge),
+                        "world_size": str(renderer.size)}
         self._reused: set[str] = set()
         self.size = renderer.size
 
     def fingerprint(self, case: EditCase, label: str) -> str:
+        """Everything a shard depends on: the case, the method and its code version, its settings
+        and model, the scoring models."""
         run = self.runs[label]
-        settings = {"method": run.method, "config": asdict(self.configs[label]), "model": run.model, "seed": self.seed,
+        settings = {"method": run.method, "version": EDITORS[run.method].version,
+                    "config": asdict(self.configs[label]), "model": run.model, "seed": self.seed,
                     "reuse": case.case_id in self._reused}
-        return fingerprint(case, label, settings, self.models)
+        return fingerprint(case, label, settings, {"model": self.model_ids[run.model], **self.scoring})
 
-    def request(self, case: EditCase, source: np.ndarray, target: str | None = None) -> EditRequest:
-        return EditRequest(image=source, source=case.source_caption, target=target or case.target_caption,
-                           instruction=self.instruction(case),
-                           sentences=(tuple(all_captions(case.source)), tuple(all_captions(case.target))),
+    def request(self, case: EditCase, source: np.ndarray, edit: Edit | None = None) -> EditRequest:
+        """The case's edit, or `edit` (another edit of the same scene) of the same source image."""
+        edit = edit or case.edit
+        return EditRequest(image=source, source=caption(edit.source, 0), target=caption(edit.target, 0),
+                           instruction=self.instruction(edit, case),
+                           sentences=(tuple(all_captions(edit.source)), tuple(all_captions(edit.target))),
                            seed=case_seed(self.seed, case))
 
     def _compute(self, case: EditCase, label: str) -> tuple[dict, bytes]:
@@ -105,12 +112,12 @@ class MethodRuns:
         recon = _resize(out.reconstruction, self.size) if out.reconstruction is not None else None
         metrics = score_case(case, source, truth, mask, recon, edited, self.scorer, self.judge)
         prepare = sum(v for k, v in out.seconds.items() if k != "edit")
-        metrics.update(invert_seconds=prepare, prepare_seconds=prepare, edit_seconds=out.seconds["edit"],
+        metrics.update(prepare_seconds=prepare, edit_seconds=out.seconds["edit"],
                        peak_memory_mb=peak.megabytes, stored_bytes=out.stored_bytes)
         record = {"fingerprint": self.fingerprint(case, label), "method": label, "case": case.to_dict(),
                   "part_seconds": out.seconds, "metrics": {k: _clean(v) for k, v in metrics.items()}}
         if case.case_id in self._reused:
-            again = editor.edit(self.request(case, image, self.second_target(case)))
+            again = editor.edit(self.request(case, image, self.second_edit(case)))
             record["second_edit"] = {"seconds": again.seconds, "cached": again.cached,
                                      "total_seconds": again.total_seconds, "first_total_seconds": out.total_seconds}
         shutil.rmtree(parts, ignore_errors=True)

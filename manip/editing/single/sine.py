@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import (EditOutput, SingleImageEditor, TuneConfig, _Run, cfg_predictor, ddim_sample, eps_of, finetune,
+from .base import (EditOutput, EditRequest, SingleImageEditor, TuneConfig, _Run, cfg_predictor, ddim_sample, eps_of, finetune,
                    tuned_unet)
 
 
@@ -40,6 +40,8 @@ class SINEConfig:
     resolution: int | None = None  # output side in pixels; None: the model's own
 
     def __post_init__(self) -> None:
+        if not self.token.strip() or self.steps < 1:
+            raise ValueError(f"sine needs a non-empty token and steps >= 1; got {self.token!r}, {self.steps}")
         if not 0.0 < self.patch_min <= 1.0 or not 0.0 <= self.v <= 1.0 or not 0.0 <= self.guide_until <= 1.0:
             raise ValueError(f"sine patch_min must be in (0, 1], v and guide_until in [0, 1]; got {self}")
         if self.patch_size < 8 or (self.resolution is not None and self.resolution < 8):
@@ -60,8 +62,12 @@ def crops(image: np.ndarray, rng: np.random.Generator, n: int, smallest: float, 
 
 class SINE(SingleImageEditor):
     name = "sine"
+    version = 2
     Config = SINEConfig
     config: SINEConfig
+
+    def prompts(self, request: EditRequest) -> list[str]:
+        return [f"{self.config.token} {request.source}", request.target]
 
     def _edit(self, run: _Run) -> EditOutput:
         r, c = run.request, self.config
@@ -76,7 +82,7 @@ class SINE(SingleImageEditor):
                              c.tune, r.seed, ckpt, "sine fine-tune", {"token": c.token}))
         tuned = tuned_unet(self.pipe, state)
         side = (c.resolution or self.pipe.unet.config.sample_size * factor) // factor
-        noise = self.noise(r.seed, (1, self.pipe.unet.config.in_channels, side, side))
+        noise = self.noise(r.seed, side)
         uncond, target = self.text([""]), self.text([r.target])
         pre = cfg_predictor(self.pipe, self.pipe.unet, target, uncond, c.guidance_scale)
         switch = round(c.guide_until * c.steps)

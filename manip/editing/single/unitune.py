@@ -2,10 +2,11 @@
 tokens only, then edit with "[rare tokens] [edit prompt]".
 
 The fine-tune does not see any caption of the image, so it serves every later edit of that
-image: the part is keyed by (image, model, token, fine-tune settings) only. The edit's controls
+image: the part is keyed by (image, model, token, seed, fine-tune settings). The edit's controls
 are the paper's: start the sampler from the input noised to a fraction `start` of the schedule
-instead of pure noise, and for the first `blend_until` of the steps mix the latents with the
-input noised to the same level (weight `blend_weight`), which trades edit strength for fidelity.
+instead of pure noise, and for the first `blend_until` of the steps it runs mix the latents
+with the input noised to the same level (weight `blend_weight`), which trades edit strength
+for fidelity.
 """
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import (EditOutput, SingleImageEditor, TuneConfig, _Run, cfg_predictor, ddim_sample, finetune, noised,
-                   start_timestep, tuned_unet)
-from ..inversion import ddim_scheduler
+from .base import (EditOutput, EditRequest, SingleImageEditor, TuneConfig, _Run, cfg_predictor, ddim_sample, finetune,
+                   mix, schedule, tuned_unet)
 
 
 @dataclass(frozen=True)
@@ -29,16 +29,20 @@ class UniTuneConfig:
     guidance_scale: float = 7.5
 
     def __post_init__(self) -> None:
-        if not self.token.strip():
-            raise ValueError("unitune token must not be empty")
+        if not self.token.strip() or self.steps < 1:
+            raise ValueError(f"unitune needs a non-empty token and steps >= 1; got {self.token!r}, {self.steps}")
         if not 0.0 < self.start <= 1.0 or not 0.0 <= self.blend_until <= 1.0 or not 0.0 <= self.blend_weight <= 1.0:
             raise ValueError(f"unitune start must be in (0, 1], blend_until and blend_weight in [0, 1]; got {self}")
 
 
 class UniTune(SingleImageEditor):
     name = "unitune"
+    version = 2
     Config = UniTuneConfig
     config: UniTuneConfig
+
+    def prompts(self, request: EditRequest) -> list[str]:
+        return [f"{self.config.token} {request.target}"]
 
     def _edit(self, run: _Run) -> EditOutput:
         r, c = run.request, self.config
@@ -49,18 +53,13 @@ class UniTune(SingleImageEditor):
                                                r.seed, ckpt, "unitune fine-tune", {"token": c.token}))
         unet = tuned_unet(self.pipe, state)
         noise = self.noise(r.seed)
-        scheduler = ddim_scheduler(self.pipe)
-        scheduler.set_timesteps(c.steps)
-        timesteps = scheduler.timesteps.tolist()
-        blend_steps = round(c.blend_until * c.steps)
+        plan = schedule(self.pipe, c.steps, c.start)
+        blend_steps = round(c.blend_until * len(plan.timesteps))
 
-        def blend(i, t, x):
-            if i >= blend_steps:
-                return x
-            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            return (1 - c.blend_weight) * x + c.blend_weight * noised(self.pipe, z0, t_next, noise)
+        def blend(k, alpha, x):
+            return x if k >= blend_steps else (1 - c.blend_weight) * x + c.blend_weight * mix(z0, noise, alpha)
 
-        x_start = noised(self.pipe, z0, start_timestep(self.pipe, c.steps, c.start), noise) if c.start < 1 else noise
+        x_start = mix(z0, noise, plan.alphas[0]) if c.start < 1 else noise
         cond = self.text([f"{c.token} {r.target}", c.token])
         predict = cfg_predictor(self.pipe, unet, cond, self.text([""]), c.guidance_scale)
         x = ddim_sample(self.pipe, x_start, predict, c.steps, start=c.start, after_step=blend)
