@@ -245,6 +245,8 @@ def test_bad_input_is_refused_by_name(pipe, ip2p_pipe, image, tmp_path):
     with pytest.raises(ValueError, match="at least one sentence"):
         editor("pix2pix-zero", pipe, None, PartCache(tmp_path)).edit(
             type(req)(**{**req.__dict__, "sentences": ((), ("x",))}))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+        ed.edit(req)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     from manip.editing.images import ImageInputError

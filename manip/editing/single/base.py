@@ -199,6 +199,9 @@ class SingleImageEditor(ABC):
         if request.image.shape != (size, size, 3) or request.image.dtype != np.uint8:
             raise ValueError(f"{self.name}: the image must be uint8 {size}x{size}x3 (use prepare_request), "
                              f"got {request.image.dtype} {request.image.shape}")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{self.name}: call edit() outside torch.inference_mode(): fine-tunes, inversions "
+                               "and attention guidance need autograd")
         prompts = self.prompts(request)
         if any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError(f"{self.name}: every prompt must be a non-empty string, got {prompts}")
