@@ -84,15 +84,21 @@ def edit_markdown(repo: Path, metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def publish_table_and_report(repo: Path, metrics_path: Path, rows, markdown, keys: tuple[str, str],
+                             what: tuple[str, str]) -> dict[str, str]:
+    """A table artifact (`rows(metrics)`) and a markdown one (`markdown(repo, metrics)`) from a
+    stage's metrics file."""
+    metrics = json.loads((repo / metrics_path).read_text())
+    table_id = create_table_artifact(table=rows(metrics), key=keys[0], description=f"{metrics_path}: {what[0]} ({repo})")
+    report_id = create_markdown_artifact(markdown=markdown(repo, metrics), key=keys[1], description=f"{what[1]} ({repo})")
+    return {keys[0]: str(table_id), keys[1]: str(report_id)}
+
+
 @task(name="publish-edit-report", cache_policy=NONE)
 def publish_edit_report(repo: Path) -> dict[str, str]:
     """Table (inversion x edit type) and markdown artifacts from metrics/edit_benchmark.json."""
-    metrics = json.loads((repo / EDIT_METRICS).read_text())
-    table_id = create_table_artifact(table=edit_rows(metrics), key=EDIT_KEY,
-                                     description=f"{EDIT_METRICS}: means per inversion and edit type ({repo})")
-    report_id = create_markdown_artifact(markdown=edit_markdown(repo, metrics), key=EDIT_REPORT_KEY,
-                                         description=f"EmojiWorld-Edit results and edits ({repo})")
-    return {EDIT_KEY: str(table_id), EDIT_REPORT_KEY: str(report_id)}
+    return publish_table_and_report(repo, EDIT_METRICS, edit_rows, edit_markdown, (EDIT_KEY, EDIT_REPORT_KEY),
+                                    ("means per inversion and edit type", "EmojiWorld-Edit results and edits"))
 
 
 RUNS_KEY = "edit-runs"
@@ -116,12 +122,8 @@ def runs_markdown(repo: Path, metrics: dict) -> str:
 @task(name="publish-edit-runs", cache_policy=NONE)
 def publish_runs_report(repo: Path) -> dict[str, str]:
     """Table (method x metric) and markdown (tables + one grid per edit type) from metrics/edit_runs.json."""
-    metrics = json.loads((repo / RUNS_METRICS).read_text())
-    table_id = create_table_artifact(table=runs_rows(metrics), key=RUNS_KEY,
-                                     description=f"{RUNS_METRICS}: single-image editing methods ({repo})")
-    report_id = create_markdown_artifact(markdown=runs_markdown(repo, metrics), key=RUNS_REPORT_KEY,
-                                         description=f"Single-image editing methods, tables and grids ({repo})")
-    return {RUNS_KEY: str(table_id), RUNS_REPORT_KEY: str(report_id)}
+    return publish_table_and_report(repo, RUNS_METRICS, runs_rows, runs_markdown, (RUNS_KEY, RUNS_REPORT_KEY),
+                                    ("single-image editing methods", "Single-image editing methods, tables and grids"))
 
 
 # stage -> (the metrics file it writes, the task that turns it into artifacts)

@@ -193,6 +193,14 @@ def summary(repo: Path) -> str:
     return "\n".join(lines)
 
 
+# CLI flag -> (metrics file, the stage that writes it, the README tables made from it)
+TABLES = {
+    "edit_table": (EDIT_METRICS, "edit_benchmark", (edit_rows,)),
+    "customize_table": (CUSTOMIZE_METRICS, "customize", (customize_rows, customize_multi_rows, customize_drift_rows)),
+    "edit_runs_table": (RUNS_METRICS, "edit_runs", (runs_rows, runs_kind_rows, runs_reuse_rows)),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", type=Path, default=Path("."), help="project root (default: .)")
@@ -203,30 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--edit-runs-table", action="store_true",
                     help="print the single-image methods' tables (overall, success per edit type, reuse) as markdown")
     args = ap.parse_args(argv)
-    if args.edit_runs_table:
-        path = args.repo / RUNS_METRICS
-        if not path.is_file():
-            print(f"{path} is missing: run `dvc repro edit_runs`", file=sys.stderr)
-            return 1
-        m = json.loads(path.read_text())
-        print("\n\n".join(markdown_table(rows) for rows in (runs_rows(m), runs_kind_rows(m), runs_reuse_rows(m))))
-        return 0
-    if args.customize_table:
-        path = args.repo / CUSTOMIZE_METRICS
-        if not path.is_file():
-            print(f"{path} is missing: run `dvc repro customize`", file=sys.stderr)
-            return 1
-        m = json.loads(path.read_text())
-        print("\n\n".join(markdown_table(rows) for rows in (customize_rows(m), customize_multi_rows(m),
-                                                            customize_drift_rows(m))))
-        return 0
-    if args.edit_table:
-        path = args.repo / EDIT_METRICS
-        if not path.is_file():
-            print(f"{path} is missing: run `dvc repro edit_benchmark`", file=sys.stderr)
-            return 1
-        print(markdown_table(edit_rows(json.loads(path.read_text()))))
-        return 0
+    for flag, (metrics, stage, tables) in TABLES.items():
+        if getattr(args, flag):
+            path = args.repo / metrics
+            if not path.is_file():
+                print(f"{path} is missing: run `dvc repro {stage}`", file=sys.stderr)
+                return 1
+            m = json.loads(path.read_text())
+            print("\n\n".join(markdown_table(table(m)) for table in tables))
+            return 0
     print(summary(args.repo))
     return 0 if load_metrics(args.repo) else 1
 
