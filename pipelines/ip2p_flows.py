@@ -112,15 +112,21 @@ def dataset_flow(repo: str = ".", n_partitions: int | None = None) -> dict[str, 
     return outcome
 
 
+def downstream(root: Path, stage: str) -> list[str]:
+    """`stage` and every stage that depends on it, in DAG order."""
+    return [s for s in dag_order(root) if stage in dag_order(root, s)]
+
+
 @flow(name="ip2p-train")
 def train_flow(repo: str = ".") -> dict[str, str]:
-    """Fine-tune on the published dataset and evaluate.
+    """Fine-tune on the published dataset, then rerun what uses the model: its evaluation and
+    the editing-methods comparison (which reuses every shard not made with models/ip2p).
 
     Args:
         repo: The project checkout to run in.
     """
     root = Path(repo).resolve()
-    outcome = reproduce(["ip2p_finetune", "ip2p_evaluate"], root)
+    outcome = reproduce(downstream(root, "ip2p_finetune"), root)
     publish_eval(root)
     return outcome
 
