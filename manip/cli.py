@@ -1,9 +1,12 @@
-"""Command line: `manip invert` writes an inversion artifact, `manip edit` edits a real image.
+"""Command line: `manip invert` writes an inversion artifact, `manip edit` edits a real image,
+`manip sentences` asks an LLM for pix2pix-zero's sentence sets.
 
     manip edit --model models/base --image in.png --source "a cat on the beach" \
         --target "a dog on the beach" --edit replace --inversion null-text --out out.png
     manip edit --method imagic --settings '{"eta": 0.8}' --etas 0.6,1.0 --cache .cache/parts \
         --image in.png --source "a cat on the beach" --target "a dog on the beach" --out out.png
+    manip sentences --source "a cat on the beach" --target "a dog on the beach" --n 32 --out-dir dirs/cat-dog
+    manip edit --method pix2pix-zero --sentences dirs/cat-dog/source.txt dirs/cat-dog/target.txt ...
 """
 from __future__ import annotations
 
@@ -76,7 +79,36 @@ def _parser() -> argparse.ArgumentParser:
     ed.add_argument("--sentences", nargs=2, metavar=("SOURCE_TXT", "TARGET_TXT"),
                     help="pix2pix-zero: files of source-side and target-side sentences, one per line")
     ed.add_argument("--seed", type=int, default=0)
+
+    se = sub.add_parser("sentences", help="pix2pix-zero sentence sets from an OpenAI-compatible endpoint "
+                                          "(key from OPENAI_API_KEY only)")
+    se.add_argument("--source", required=True, help="caption of the input image")
+    se.add_argument("--target", required=True, help="caption after the edit")
+    se.add_argument("--instruction", help="the edit in words, shown to the LLM")
+    se.add_argument("--n", type=int, default=16, help="sentence pairs to ask for")
+    se.add_argument("--llm-model", default="gpt-4o-mini")
+    se.add_argument("--base-url", help="else OPENAI_BASE_URL, else the client's default")
+    se.add_argument("--tokenizer", default="models/base/tokenizer", help="sentences must fit this tokenizer")
+    se.add_argument("--cache", default=".cache/llm-sentences", help="answers cached here: a rerun sends nothing")
+    se.add_argument("--out-dir", required=True, help="writes source.txt and target.txt")
     return ap
+
+
+def run_sentences(args: argparse.Namespace) -> dict:
+    from transformers import CLIPTokenizer
+
+    from manip.ip2p.llm import LLMSettings
+    from manip.ip2p.sentences import OpenAISentences, write_sentences
+
+    tok_dir = Path(args.tokenizer)
+    if not tok_dir.is_dir():
+        raise FileNotFoundError(f"--tokenizer: no tokenizer folder at {tok_dir}")
+    settings = LLMSettings(model=args.llm_model, base_url=args.base_url, max_tokens=2000)
+    llm = OpenAISentences(settings, args.cache, CLIPTokenizer.from_pretrained(tok_dir))
+    sets = llm(args.source, args.target, args.instruction, args.n)
+    paths = write_sentences(sets, args.out_dir)
+    return {"source": str(paths[0]), "target": str(paths[1]), "pairs": len(sets[0]),
+            "dropped": llm.dropped, "requests": llm.endpoint.requests}
 
 
 def save_png(image, path: Path) -> None:
@@ -151,6 +183,8 @@ def run_single(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.command == "sentences":
+        return run_sentences(args)
     if getattr(args, "method", "p2p") != "p2p":
         return run_single(args)
     import numpy as np
@@ -217,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     from manip.editing.images import ImageInputError
     from manip.editing.inversion import InversionMismatch
     from manip.editing.tokens import AlignmentError
+    from manip.ip2p.llm import LLMError
     from manip.sampling import PromptError
 
     try:
         print(json.dumps(run(args), indent=1))
-    except (ImageInputError, InversionMismatch, AlignmentError, PromptError, FileNotFoundError, ValueError) as err:
+    except (ImageInputError, InversionMismatch, AlignmentError, PromptError, LLMError, FileNotFoundError,
+            ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

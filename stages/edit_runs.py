@@ -21,7 +21,7 @@ import numpy as np
 from manip.runtime import device, set_threads
 from manip.training.checkpoint import atomic_write
 
-from ._runner import main
+from ._runner import StageInputError, main
 from .common import require
 from .params import Params, load_params
 
@@ -33,6 +33,35 @@ METRICS = Path("metrics/edit_runs.json")
 CASES_CSV = Path("plots/edit_runs_cases.csv")
 GRIDS = Path("plots/edit_runs")
 STAGE_OF = {"base": "unet", "ip2p": "ip2p_finetune"}
+
+
+def sentence_sets(params: Params, phrase):
+    """pix2pix-zero's sentence sets per (edit, case): from the scene grammar, or from an LLM."""
+    from manip.ip2p.sentences import OpenAISentences, rules_sentences
+    from manip.world.captions import caption
+
+    s = params.edit_runs.sentences
+    if s.backend == "rules":
+        def rules(edit, case):
+            return rules_sentences(edit, s.n, int(np.random.default_rng([params.seed, 10, case.index]).integers(2**31)))
+
+        return rules
+    from manip.ip2p.llm import LLMError
+
+    from .ip2p_edits import base_tokenizer, llm_settings
+
+    try:
+        llm = OpenAISentences(llm_settings(s.openai), s.openai.cache_dir, base_tokenizer())
+    except LLMError as err:
+        raise StageInputError(str(err)) from None
+
+    def ask(edit, case):
+        try:
+            return llm(caption(edit.source, 0), caption(edit.target, 0), phrase(edit, case), s.n)
+        except LLMError as err:
+            raise StageInputError(f"case {case.case_id}: {err}") from None
+
+    return ask
 
 
 def run(params: Params, progress: bool = True) -> dict:
@@ -83,7 +112,8 @@ def run(params: Params, progress: bool = True) -> dict:
                 continue
         raise ValueError(f"no second edit applies to case {case.case_id}")
 
-    runner = MethodRuns(pipes, renderer, scorer, judge, runs, WORK, params.seed, phrase, second_edit, p.reuse_cases)
+    runner = MethodRuns(pipes, renderer, scorer, judge, runs, WORK, params.seed, phrase, second_edit,
+                        sentence_sets(params, phrase), p.reuse_cases)
     computed, remaining = runner.run(cases, limit=p.limit_per_run, progress=progress)
     labels = list(p.runs)
     records = runner.records(cases, labels)

@@ -9,34 +9,46 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from manip.ip2p import Caption, RulesEditor, read_jsonl, write_jsonl
 
 from ._runner import StageInputError, main
 from .common import require
 from .ip2p_common import BASE, CAPTIONS, EDITS, QUARANTINE, reason_counts, write_metrics
-from .params import Params, load_params
+from .params import OpenAIParams, Params, load_params
+
+if TYPE_CHECKING:
+    from manip.ip2p.llm import LLMSettings
 
 METRICS = Path("metrics/ip2p_edits.json")
+
+
+def llm_settings(o: OpenAIParams) -> LLMSettings:
+    from manip.ip2p.llm import LLMSettings, load_examples
+
+    return LLMSettings(
+        model=o.model, base_url=o.base_url, n_examples=o.n_examples, temperature=o.temperature,
+        max_tokens=o.max_tokens, json_mode=o.json_mode, timeout=o.timeout, max_attempts=o.max_attempts,
+        backoff=o.backoff, max_backoff=o.max_backoff, concurrency=o.concurrency,
+        examples=tuple(load_examples(o.examples_file)) if o.examples_file else ())
+
+
+def base_tokenizer():
+    """The base model's tokenizer: LLM answers must fit its context."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(require(BASE / "tokenizer", "text_encoder"))
 
 
 def editor(params: Params):
     e = params.ip2p.edits
     if e.backend == "rules":
         return RulesEditor(params.seed, e.kinds)
-    from transformers import CLIPTokenizer
+    from manip.ip2p.llm import LLMError, OpenAIEditor
 
-    from manip.ip2p.llm import LLMError, LLMSettings, OpenAIEditor, load_examples
-
-    o = e.openai
-    settings = LLMSettings(
-        model=o.model, base_url=o.base_url, n_examples=o.n_examples, temperature=o.temperature,
-        max_tokens=o.max_tokens, json_mode=o.json_mode, timeout=o.timeout, max_attempts=o.max_attempts,
-        backoff=o.backoff, max_backoff=o.max_backoff, concurrency=o.concurrency,
-        examples=tuple(load_examples(o.examples_file)) if o.examples_file else ())
-    tokenizer = CLIPTokenizer.from_pretrained(require(BASE / "tokenizer", "text_encoder"))
     try:
-        return OpenAIEditor(settings, o.cache_dir, tokenizer)
+        return OpenAIEditor(llm_settings(e.openai), e.openai.cache_dir, base_tokenizer())
     except LLMError as err:
         raise StageInputError(str(err)) from None
 

@@ -292,9 +292,17 @@ class EditRunParams(Strict):
         return self
 
 
+class SentencesParams(Strict):
+    """Where pix2pix-zero's sentence sets come from (README: "Single-image editing methods")."""
+    backend: Literal["rules", "openai"] = "rules"
+    n: Pos = 16  # sentence pairs per edit
+    openai: OpenAIParams = OpenAIParams(max_tokens=2000, cache_dir=".cache/llm-sentences")
+
+
 class EditRunsParams(Strict):
     n_cases: Pos = 36
     reuse_cases: NonNeg = 2
+    sentences: SentencesParams = SentencesParams()
     runs: dict[str, EditRunParams] = {}
     limit_per_run: Pos | None = None
 

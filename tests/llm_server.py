@@ -4,7 +4,8 @@
 `script[caption]` lists what each successive request for that caption gets: "ok", "timeout"
 (answers after the client gave up), "500", "429", "malformed", "fenced" (valid JSON inside a code
 fence), "unchanged" (output equals input) or "empty". Once a caption's list is used up it gets
-"ok". Every request is logged with its caption and Authorization header.
+"ok". An "ok" answer is `reply(user message)` as JSON (default: an edit of the caption). Every
+request is logged with its caption and Authorization header.
 """
 from __future__ import annotations
 
@@ -14,15 +15,27 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 
 
 def edited(caption: str) -> dict:
     return {"edit": "make it rain", "output": f"{caption} in the rain"}
 
 
+def pairs_reply(user: str) -> dict:
+    """A sentence-pairs answer (manip.ip2p.sentences): N pairs of the shown edit, then one unusable
+    pair with identical sides."""
+    lines = dict(line.split(": ", 1) for line in user.splitlines())
+    pairs = [{"source": f"{lines['caption']} scene {i}", "target": f"{lines['edited caption']} scene {i}"}
+             for i in range(int(lines["N"]))]
+    return {"pairs": [*pairs, {"source": "same", "target": "same"}]}
+
+
 class ScriptedLLM:
-    def __init__(self, script: dict[str, list[str]] | None = None, delay: float = 1.5):
+    def __init__(self, script: dict[str, list[str]] | None = None, delay: float = 1.5,
+                 reply: Callable[[str], dict] = edited):
         self.script = {k: list(v) for k, v in (script or {}).items()}
+        self.reply = reply
         self.delay = delay
         self.log: list[dict] = []
         self.counts: dict[str, int] = defaultdict(int)
@@ -39,12 +52,12 @@ class ScriptedLLM:
         if action == "malformed":
             return "Sure! Here is the edit: make it rain"
         if action == "fenced":
-            return "```json\n" + json.dumps(edited(caption)) + "\n```"
+            return "```json\n" + json.dumps(self.reply(caption)) + "\n```"
         if action == "unchanged":
             return json.dumps({"edit": "keep it", "output": caption})
         if action == "empty":
             return ""
-        return json.dumps(edited(caption))
+        return json.dumps(self.reply(caption))
 
 
 def _handler(llm: ScriptedLLM):

@@ -206,7 +206,7 @@ def test_cache_key_follows_model_and_template(monkeypatch, tmp_path):
     b = OpenAIEditor(LLMSettings(model="other", base_url="http://127.0.0.1:9/v1", n_examples=4), tmp_path)
     c = OpenAIEditor(_settings("http://127.0.0.1:9/v1", temperature=0.1), tmp_path)
     assert len({a.key("x"), b.key("x"), c.key("x")}) == 3 and a.key("x") != a.key("y")
-    assert SECRET not in a.template
+    assert SECRET not in a.endpoint.template
 
 
 def test_item_rng_depends_only_on_identity():

@@ -22,6 +22,7 @@ from manip.editing.single import EDITORS, PartCache, make_config, prepare_reques
 from manip.editing.single.base import Holder, TuneConfig, fit
 from manip.editing.single.pix2pix_zero import autocorrelation_loss, kl_loss
 from manip.ip2p.finetune import instruct_pipeline, widen_conv_in
+from llm_server import ScriptedLLM, pairs_reply, serve
 from manip.sampling import PromptError
 from tiny_pipeline import save_tiny_clip_and_judge, saved_tiny_pipeline, tiny_pipeline
 
@@ -363,6 +364,20 @@ def test_edit_runs_stage_end_to_end_and_resume(runs_dir, monkeypatch):
     again = run(full, progress=False)
     assert again["results"] == metrics["results"]
     assert {p: p.stat().st_mtime_ns for p in Path("data/edit_runs").rglob("*.json")} == before
+
+    # pix2pix-zero's sentence sets from an LLM instead of the scene grammar: only its shards are
+    # recomputed, with one request per distinct edit.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret")
+    llm = ScriptedLLM(reply=pairs_reply)
+    with serve(llm) as url:
+        s = full.edit_runs.sentences
+        sentences = s.model_copy(update={"backend": "openai", "n": 4, "openai": s.openai.model_copy(
+            update={"base_url": url, "cache_dir": str(runs_dir / "llm")})})
+        run(full.model_copy(update={"edit_runs": full.edit_runs.model_copy(update={"sentences": sentences})}),
+            progress=False)
+    redone = {p.parent.name for p, t in before.items() if p.stat().st_mtime_ns != t}
+    assert redone == {"pix2pix-zero"}
+    assert len(llm.log) == len({entry["caption"] for entry in llm.log}) == 6 + 1  # cases + one second edit
 
 
 def test_edit_runs_params_are_checked_before_models_load(tmp_path, monkeypatch):

@@ -152,41 +152,44 @@ def _retry_after(err: Exception) -> float | None:
         return None
 
 
-class OpenAIEditor:
-    name = "openai"
+class ChatEndpoint:
+    """One chat-completions request per user message, with the retries and the cache.
 
-    def __init__(self, settings: LLMSettings, cache_dir: str | Path, tokenizer=None,
+    `messages(user)` builds the whole conversation; its shape with a placeholder user message,
+    with the sampling settings, is the *template* part of every cache key, so a changed prompt
+    never reads an answer given to another one.
+    """
+
+    def __init__(self, settings: LLMSettings, cache_dir: str | Path, messages: Callable[[str], list[dict]],
                  sleep: Callable[[float], None] = time.sleep):
         import openai
 
         if not os.environ.get("OPENAI_API_KEY"):
             raise LLMError("the openai backend needs OPENAI_API_KEY in the environment "
                            "(any value for servers that do not check it)")
-        self.settings = settings
+        self.settings, self.messages, self.sleep = settings, messages, sleep
         self.client = openai.OpenAI(base_url=settings.base_url or os.environ.get("OPENAI_BASE_URL"),
                                     timeout=settings.timeout, max_retries=0)
-        self.examples = pick_examples(list(settings.examples) or load_examples(), settings.n_examples)
         self.template = hashlib.sha256(json.dumps(
-            {"messages": build_messages(self.examples, "{caption}"), "temperature": settings.temperature,
+            {"messages": messages("{caption}"), "temperature": settings.temperature,
              "max_tokens": settings.max_tokens, "json_mode": settings.json_mode}, sort_keys=True).encode()).hexdigest()
         self.cache = ResponseCache(cache_dir)
-        self.tokenizer, self.sleep = tokenizer, sleep
         self.requests = 0
         self._lock = threading.Lock()
         self._transient = (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
                            openai.InternalServerError)
         self._status_error = openai.APIStatusError
 
-    def key(self, caption: str) -> str:
-        blob = json.dumps([self.settings.model, self.template, caption])
+    def key(self, user: str) -> str:
+        blob = json.dumps([self.settings.model, self.template, user])
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def _request(self, caption: str) -> str | None:
+    def _request(self, user: str) -> str | None:
         kwargs = {"response_format": {"type": "json_object"}} if self.settings.json_mode else {}
         with self._lock:
             self.requests += 1
         reply = self.client.chat.completions.create(
-            model=self.settings.model, messages=build_messages(self.examples, caption),
+            model=self.settings.model, messages=self.messages(user),
             temperature=self.settings.temperature, max_tokens=self.settings.max_tokens, **kwargs)
         return reply.choices[0].message.content if reply.choices else None
 
@@ -195,9 +198,9 @@ class OpenAIEditor:
             return True
         return isinstance(err, self._status_error) and getattr(err, "status_code", 0) >= 500
 
-    def answer(self, caption: str) -> tuple[str | None, str]:
+    def answer(self, user: str) -> tuple[str | None, str]:
         """(content, "") from the cache or the endpoint, or (None, why) when every attempt failed."""
-        key = self.key(caption)
+        key = self.key(user)
         cached = self.cache.get(key)
         if cached is not None:
             return cached["content"], ""
@@ -206,7 +209,7 @@ class OpenAIEditor:
         last = ""
         for attempt in range(s.max_attempts):
             try:
-                content = self._request(caption)
+                content = self._request(user)
             except Exception as err:  # noqa: BLE001 - classified below; anything else propagates
                 if not self._transient_error(err):
                     raise
@@ -215,9 +218,29 @@ class OpenAIEditor:
                     delay = _retry_after(err) or min(s.max_backoff, s.backoff * 2**attempt)
                     self.sleep(delay * (0.5 + jitter.random()))
                 continue
-            self.cache.put(key, {"model": s.model, "template": self.template, "caption": caption, "content": content})
+            self.cache.put(key, {"model": s.model, "template": self.template, "caption": user, "content": content})
             return content, ""
         return None, f"no answer after {s.max_attempts} attempts, last: {last}"
+
+
+class OpenAIEditor:
+    name = "openai"
+
+    def __init__(self, settings: LLMSettings, cache_dir: str | Path, tokenizer=None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.settings, self.tokenizer = settings, tokenizer
+        self.examples = pick_examples(list(settings.examples) or load_examples(), settings.n_examples)
+        self.endpoint = ChatEndpoint(settings, cache_dir, lambda caption: build_messages(self.examples, caption), sleep)
+
+    @property
+    def requests(self) -> int:
+        return self.endpoint.requests
+
+    def key(self, caption: str) -> str:
+        return self.endpoint.key(caption)
+
+    def answer(self, caption: str) -> tuple[str | None, str]:
+        return self.endpoint.answer(caption)
 
     def edit_one(self, c: Caption) -> CaptionEdit | Rejected:
         content, failure = self.answer(c.text)

@@ -171,6 +171,7 @@ class SingleImageEditor(ABC):
     name: ClassVar[str]
     version: ClassVar[int] = 1
     Config: ClassVar[type]
+    uses_sentences: ClassVar[bool] = False  # reads `EditRequest.sentences`
 
     def __init__(self, pipe: StableDiffusionPipeline, config, cache: PartCache):
         self.pipe = pipe

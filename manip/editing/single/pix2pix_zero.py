@@ -78,6 +78,7 @@ class _Capture:
 class Pix2PixZero(SingleImageEditor):
     name = "pix2pix-zero"
     version = 2
+    uses_sentences = True
     Config = Pix2PixZeroConfig
     config: Pix2PixZeroConfig
 

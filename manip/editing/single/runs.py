@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from manip.runtime import PeakMemory
 from manip.training.checkpoint import atomic_write
-from manip.world.captions import all_captions, caption
+from manip.ip2p.sentences import SentenceSets
+from manip.world.captions import caption
 from manip.world.edits import Edit, render_edit
 
 from ..benchmark import (KINDS, METRICS, EditCase, _clean, _resize, fingerprint, module_digest, read_shard,
@@ -57,12 +58,13 @@ def case_seed(seed: int, case: EditCase) -> int:
 
 class MethodRuns:
     """`pipes` maps a run's `model` name to its pipeline; `instruction(edit, case)` phrases an
-    edit as an instruction for the instruction-following methods; `second_edit(case)` is another
-    edit of the case's scene, for the reuse measurement."""
+    edit as an instruction for the instruction-following methods; `sentences(edit, case)` gives
+    the sentence sets of the methods that take them (pix2pix-zero); `second_edit(case)` is
+    another edit of the case's scene, for the reuse measurement."""
 
     def __init__(self, pipes: dict[str, Any], renderer, scorer, judge, runs: Sequence[MethodRun], work_dir: str | Path,
                  seed: int, instruction: Callable[[Edit, EditCase], str], second_edit: Callable[[EditCase], Edit],
-                 reuse_cases: int = 2):
+                 sentences: Callable[[Edit, EditCase], SentenceSets], reuse_cases: int = 2):
         labels = [r.label for r in runs]
         if len(set(labels)) != len(labels):
             raise ValueError(f"run labels must be distinct, got {labels}")
@@ -74,6 +76,7 @@ class MethodRuns:
         self.configs = {r.label: r.config() for r in runs}
         self.work_dir, self.seed = Path(work_dir), seed
         self.instruction, self.second_edit, self.reuse_cases = instruction, second_edit, reuse_cases
+        self.sentences = sentences
         self.model_ids = {name: model_id(p) for name, p in pipes.items()}
         self.scoring = {"clip": module_digest(scorer.model), "judge": module_digest(judge),
                         "world_size": str(renderer.size)}
@@ -82,19 +85,23 @@ class MethodRuns:
 
     def fingerprint(self, case: EditCase, label: str) -> str:
         """Everything a shard depends on: the case, the method and its code version, its settings
-        and model, the scoring models."""
+        and model, the sentence sets it reads, the scoring models."""
         run = self.runs[label]
         settings = {"method": run.method, "version": EDITORS[run.method].version,
                     "config": asdict(self.configs[label]), "model": run.model, "seed": self.seed,
                     "reuse": case.case_id in self._reused}
+        if EDITORS[run.method].uses_sentences:
+            settings["sentences"] = self.sentences(case.edit, case)
         return fingerprint(case, label, settings, {"model": self.model_ids[run.model], **self.scoring})
 
-    def request(self, case: EditCase, source: np.ndarray, edit: Edit | None = None) -> EditRequest:
-        """The case's edit, or `edit` (another edit of the same scene) of the same source image."""
+    def request(self, label: str, case: EditCase, source: np.ndarray, edit: Edit | None = None) -> EditRequest:
+        """Run `label`'s request for the case's edit, or for `edit` (another edit of the same
+        scene) of the same source image."""
         edit = edit or case.edit
+        uses_sentences = EDITORS[self.runs[label].method].uses_sentences
         return EditRequest(image=source, source=caption(edit.source, 0), target=caption(edit.target, 0),
                            instruction=self.instruction(edit, case),
-                           sentences=(tuple(all_captions(edit.source)), tuple(all_captions(edit.target))),
+                           sentences=self.sentences(edit, case) if uses_sentences else None,
                            seed=case_seed(self.seed, case))
 
     def _compute(self, case: EditCase, label: str) -> tuple[dict, bytes]:
@@ -107,7 +114,7 @@ class MethodRuns:
         model_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         image = _resize(source, model_size)
         with PeakMemory() as peak:
-            out = editor.edit(self.request(case, image))
+            out = editor.edit(self.request(label, case, image))
         edited = _resize(out.image, self.size)
         recon = _resize(out.reconstruction, self.size) if out.reconstruction is not None else None
         metrics = score_case(case, source, truth, mask, recon, edited, self.scorer, self.judge)
@@ -117,7 +124,7 @@ class MethodRuns:
         record = {"fingerprint": self.fingerprint(case, label), "method": label, "case": case.to_dict(),
                   "part_seconds": out.seconds, "metrics": {k: _clean(v) for k, v in metrics.items()}}
         if case.case_id in self._reused:
-            again = editor.edit(self.request(case, image, self.second_edit(case)))
+            again = editor.edit(self.request(label, case, image, self.second_edit(case)))
             record["second_edit"] = {"seconds": again.seconds, "cached": again.cached,
                                      "total_seconds": again.total_seconds, "first_total_seconds": out.total_seconds}
         shutil.rmtree(parts, ignore_errors=True)
