@@ -17,6 +17,7 @@ EDIT_METRICS = METRICS_DIR / "edit_benchmark.json"
 EDIT_GRID = Path("plots/edit_grid.png")
 CUSTOMIZE_METRICS = METRICS_DIR / "customize.json"
 RUNS_METRICS = METRICS_DIR / "edit_runs.json"
+IP2P_METRICS = METRICS_DIR / "ip2p_eval.json"
 RUNS_GRIDS = Path("plots/edit_runs")
 RUNS_COLUMNS = ("n", "success", "gt_psnr_in", "gt_psnr_out", "bg_psnr", "clip_t", "structure_dist", "recon_psnr",
                 "prepare_seconds", "edit_seconds", "peak_memory_mb", "stored_bytes")
@@ -91,6 +92,18 @@ def runs_kind_rows(metrics: dict) -> list[dict]:
 
 def runs_reuse_rows(metrics: dict) -> list[dict]:
     return [{"method": label, **values} for label, values in metrics.get("reuse", {}).items()]
+
+
+def ip2p_rows(metrics: dict) -> list[dict]:
+    """The trade-off over image-guidance scales, then the do-nothing baseline, from metrics/ip2p_eval.json."""
+    rows = [{"image_guidance": scale, **values} for scale, values in metrics.get("per_image_guidance", {}).items()]
+    if "unchanged_input_baseline" in metrics:
+        rows.append({"image_guidance": "input unchanged", **metrics["unchanged_input_baseline"]})
+    return rows
+
+
+def ip2p_kind_rows(metrics: dict) -> list[dict]:
+    return [{"edit": kind, **values} for kind, values in metrics.get("per_kind_at_default", {}).items()]
 
 
 def customize_rows(metrics: dict) -> list[dict]:
@@ -198,6 +211,7 @@ TABLES = {
     "edit_table": (EDIT_METRICS, "edit_benchmark", (edit_rows,)),
     "customize_table": (CUSTOMIZE_METRICS, "customize", (customize_rows, customize_multi_rows, customize_drift_rows)),
     "edit_runs_table": (RUNS_METRICS, "edit_runs", (runs_rows, runs_kind_rows, runs_reuse_rows)),
+    "ip2p_table": (IP2P_METRICS, "ip2p_evaluate", (ip2p_rows, ip2p_kind_rows)),
 }
 
 
@@ -210,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the customization tables (methods, multi-concept, drift) as markdown (the README's)")
     ap.add_argument("--edit-runs-table", action="store_true",
                     help="print the single-image methods' tables (overall, success per edit type, reuse) as markdown")
+    ap.add_argument("--ip2p-table", action="store_true",
+                    help="print the InstructPix2Pix tables (per image-guidance scale, per edit kind) as markdown")
     args = ap.parse_args(argv)
     for flag, (metrics, stage, tables) in TABLES.items():
         if getattr(args, flag):

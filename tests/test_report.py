@@ -51,7 +51,7 @@ def test_summary_gives_one_line_per_inversion(tmp_path):
     assert "--edit-table" in text and "inversions.ddim" not in text
 
 
-def test_summary_reports_instruct_pix2pix_at_the_default_scale(tmp_path):
+def test_summary_and_tables_of_instruct_pix2pix(tmp_path, capsys):
     scores = {"success": 0.5, "gt_psnr": 20.0, "clip_direction": 0.4, "clip_image": 0.7, "clip_text_output": 0.8}
     ev = {"n_cases": 7, "default_image_guidance": 1.5, "per_image_guidance": {"1.0": {**scores, "success": 0.1},
                                                                             "1.5": scores},
@@ -61,6 +61,11 @@ def test_summary_reports_instruct_pix2pix_at_the_default_scale(tmp_path):
     text = summary(tmp_path)
     assert "InstructPix2Pix (7 held-out edits, image guidance 1.5): success 50" in text
     assert "input unchanged: 0" in text and "per_kind_at_default" not in text
+    assert main(["--repo", str(tmp_path), "--ip2p-table"]) == 0
+    scale_table, kind_table = capsys.readouterr().out.strip().split("\n\n")
+    assert scale_table.splitlines()[0] == "| image_guidance | " + " | ".join(scores) + " |"
+    assert [row.split(" | ")[0] for row in scale_table.splitlines()[2:]] == ["| 1.0", "| 1.5", "| input unchanged"]
+    assert kind_table.splitlines()[2] == "| time | 0.5 | 20 | 0.4 | 0.7 | 0.8 |"
 
 
 def test_edit_runs_tables_and_summary(tmp_path, capsys):
