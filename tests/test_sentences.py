@@ -90,7 +90,7 @@ def test_llm_sentences_over_a_hostile_endpoint(monkeypatch, tmp_path, tokenizer)
 
 
 def test_parse_pairs_rejects_junk_and_drops_bad_pairs(tokenizer):
-    for junk, why in [("", "empty"), ("[1, 2]", "list field"), ('{"pairs": 3}', "list field"), ("nope", "not JSON")]:
+    for junk, why in [("", "empty"), ("[1, 2]", "JSON object"), ('{"pairs": 3}', "list field"), ("nope", "not JSON")]:
         with pytest.raises(ValueError, match=why):
             parse_pairs(junk, tokenizer)
     long = " ".join(["cat"] * 200)

@@ -96,19 +96,28 @@ def _normalise(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def parse_answer(content: str | None, caption: str, tokenizer=None) -> tuple[str, str] | tuple[None, tuple[str, str]]:
-    """(edit, output), or (None, (reason, detail)) for an answer that cannot be used."""
+def json_object(content: str | None) -> dict:
+    """The JSON object of an answer, bare or in a code fence; ValueError saying what it is instead."""
     if not content or not content.strip():
-        return None, ("malformed", "empty answer")
+        raise ValueError("empty answer")
     text = content.strip()
     fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, flags=re.S)
     text = fence.group(1) if fence else text
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        return None, ("malformed", f"not JSON ({err.msg}): {text[:120]!r}")
+        raise ValueError(f"not JSON ({err.msg}): {text[:120]!r}") from None
     if not isinstance(obj, dict):
-        return None, ("malformed", f"expected a JSON object, got {type(obj).__name__}")
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_answer(content: str | None, caption: str, tokenizer=None) -> tuple[str, str] | tuple[None, tuple[str, str]]:
+    """(edit, output), or (None, (reason, detail)) for an answer that cannot be used."""
+    try:
+        obj = json_object(content)
+    except ValueError as err:
+        return None, ("malformed", str(err))
     edit, output = obj.get("edit"), obj.get("output")
     if not isinstance(edit, str) or not isinstance(output, str) or not edit.strip() or not output.strip():
         return None, ("malformed", f"needs non-empty string fields edit and output, got keys {sorted(obj)}")

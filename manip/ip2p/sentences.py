@@ -15,8 +15,6 @@ Two backends, like the caption edits:
 """
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,7 +26,7 @@ from manip.world.edits import Edit
 from manip.world.sampling import sample_scene
 from manip.world.scene import Scene
 
-from .llm import ChatEndpoint, LLMError, LLMSettings
+from .llm import ChatEndpoint, LLMError, LLMSettings, json_object
 from .records import CaptionError, check_caption
 
 SentenceSets = tuple[tuple[str, ...], tuple[str, ...]]
@@ -88,18 +86,10 @@ class ParsedPairs:
 
 def parse_pairs(content: str | None, tokenizer=None) -> ParsedPairs:
     """The usable pairs of an answer; raises ValueError when the answer is not the JSON asked for."""
-    if not content or not content.strip():
-        raise ValueError("empty answer")
-    text = content.strip()
-    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, flags=re.S)
-    text = fence.group(1) if fence else text
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"not JSON ({err.msg}): {text[:120]!r}") from None
-    rows = obj.get("pairs") if isinstance(obj, dict) else None
+    obj = json_object(content)
+    rows = obj.get("pairs")
     if not isinstance(rows, list):
-        raise ValueError(f"expected a JSON object with a list field \"pairs\", got {text[:120]!r}")
+        raise ValueError(f"expected a list field \"pairs\", got keys {sorted(obj)}")
     pairs, dropped = [], []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("source", "target")):
