@@ -314,6 +314,33 @@ class EditRunsParams(Strict):
         return v
 
 
+class StudentParams(Strict):
+    """The bilingual tokenizer and the student text encoder distilled from the base one
+    (README: "Multilingual prompts"); its width is the base encoder's."""
+
+    # At least the 514 byte and special tokens (manip.multilingual.tokenizer.MIN_VOCAB_SIZE);
+    # EmojiWorld's captions stop growing it at about 1,150.
+    vocab_size: Annotated[int, Field(ge=514)] = 4096
+    layers: Pos = 4
+    heads: Pos = 4
+    init_from_teacher: bool = True  # token rows the base encoder learnt and its position embeddings
+    train: LoopParams = LoopParams(steps=3000, batch_size=64, lr=1e-3, warmup=100)
+
+
+class MultilingualEvalParams(Strict):
+    n_scenes: Pos = 200  # the first test-split scenes
+    # Two seeds at least: the similarity of two English samples is the consistency reference.
+    images_per_scene: Annotated[int, Field(ge=2)] = 4
+    steps: Pos = 50
+    guidance_scale: Annotated[float, Field(ge=1)] = 7.5
+    batch_size: Pos = 40
+
+
+class MultilingualParams(Strict):
+    student: StudentParams = StudentParams()
+    evaluate: MultilingualEvalParams = MultilingualEvalParams()
+
+
 class Params(Strict):
     seed: NonNeg = 0
     world: WorldParams = WorldParams()
@@ -327,6 +354,7 @@ class Params(Strict):
     ip2p: Ip2pParams = Ip2pParams()
     customize: CustomizeParams = CustomizeParams()
     edit_runs: EditRunsParams = EditRunsParams(runs={"p2p-null-text": EditRunParams(method="p2p")})
+    multilingual: MultilingualParams = MultilingualParams()
 
 
 class ParamsError(ValueError):
