@@ -1,5 +1,6 @@
 """Command line: `manip invert` writes an inversion artifact, `manip edit` edits a real image,
-`manip sentences` asks an LLM for pix2pix-zero's sentence sets.
+`manip sentences` asks an LLM for pix2pix-zero's sentence sets, `manip generate` draws from
+English or Russian prompts.
 
     manip edit --model models/base --image in.png --source "a cat on the beach" \
         --target "a dog on the beach" --edit replace --inversion null-text --out out.png
@@ -7,6 +8,7 @@
         --image in.png --source "a cat on the beach" --target "a dog on the beach" --out out.png
     manip sentences --source "a cat on the beach" --target "a dog on the beach" --n 32 --out-dir dirs/cat-dog
     manip edit --method pix2pix-zero --sentences dirs/cat-dog/source.txt dirs/cat-dog/target.txt ...
+    manip generate --prompt "красная кошка слева на пляже ночью" --out cat.png
 """
 from __future__ import annotations
 
@@ -91,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--tokenizer", default="models/base/tokenizer", help="sentences must fit this tokenizer")
     se.add_argument("--cache", default=".cache/llm-sentences", help="answers cached here: a rerun sends nothing")
     se.add_argument("--out-dir", required=True, help="writes source.txt and target.txt")
+
+    ge = sub.add_parser("generate", help="text-to-image from English or Russian prompts")
+    ge.add_argument("--model", default="models/multilingual", help="a diffusers Stable Diffusion pipeline folder")
+    ge.add_argument("--prompt", required=True, action="append", help="English or Russian (repeat for several)")
+    ge.add_argument("--steps", type=int, default=50)
+    ge.add_argument("--guidance", type=float, default=7.5)
+    ge.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    ge.add_argument("--out", required=True, help="output PNG (several prompts: OUT stem + _<i>.png)")
     return ap
 
 
@@ -182,9 +192,38 @@ def run_single(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_generate(args: argparse.Namespace) -> dict:
+    """Every prompt's language is checked before the model loads."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from manip.multilingual.prompts import prepare_prompts
+    from manip.runtime import device, set_threads
+    from manip.sampling import generate
+
+    prompts = prepare_prompts(args.prompt)
+    set_threads()
+    model = Path(args.model)
+    if not (model / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.to(device())
+    images = generate(pipe, prompts, [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))],
+                      steps=args.steps, guidance_scale=args.guidance)
+    out = Path(args.out)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
+                                            for i in range(1, len(images) + 1)]
+    for path, image in zip(paths, images):
+        save_png(Image.fromarray(image), path)
+    return {"outputs": [str(p) for p in paths]}
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.command == "sentences":
         return run_sentences(args)
+    if args.command == "generate":
+        return run_generate(args)
     if getattr(args, "method", "p2p") != "p2p":
         return run_single(args)
     import numpy as np
