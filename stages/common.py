@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -63,3 +64,12 @@ def publish(metrics: dict, metrics_path: Path, histories: dict[Path, list[dict[s
         write_history(path, history)
     print(json.dumps(metrics))
     return metrics
+
+
+def files_digest(folder: Path) -> str:
+    """The bytes of every file under `folder` (empty when it does not exist)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._runner import StageInputError, main
-from .common import require
+from .common import files_digest, require
 from .params import CustomizeParams, Params, load_params
 
 if TYPE_CHECKING:
@@ -111,15 +111,6 @@ def method_config(params: Params, run: Run):
         return cls(**{**overrides, "seed": params.seed})
     except (TypeError, ValueError) as err:
         raise StageInputError(f"customize.settings.{run.method}: {err}") from None
-
-
-def files_digest(folder: Path) -> str:
-    """The bytes of every file under `folder` (empty when it does not exist)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(folder)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def run_fingerprint(params: Params, run: Run, base_digest: str) -> str:

@@ -15,8 +15,7 @@ import json
 from pathlib import Path
 
 from ._runner import main
-from .common import fingerprint, loop_config, publish, require
-from .customize import files_digest
+from .common import files_digest, fingerprint, loop_config, publish, require
 from .params import Params, load_params
 
 BASE = Path("models/base")
