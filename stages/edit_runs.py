@@ -37,10 +37,12 @@ STAGE_OF = {"base": "unet", "ip2p": "ip2p_finetune"}
 
 def sentence_sets(params: Params, phrase):
     """pix2pix-zero's sentence sets per (edit, case): from the scene grammar, or from an LLM."""
-    from manip.ip2p.sentences import OpenAISentences, rules_sentences
+    from manip.ip2p.sentences import OpenAISentences, rules_sentences, scene_sentences
     from manip.world.captions import caption
 
     s = params.edit_runs.sentences
+    if s.backend == "rules" and s.contexts == "scene":
+        return lambda edit, case: scene_sentences(edit)
     if s.backend == "rules":
         def rules(edit, case):
             return rules_sentences(edit, s.n, int(np.random.default_rng([params.seed, 10, case.index]).integers(2**31)))

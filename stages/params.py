@@ -296,6 +296,8 @@ class SentencesParams(Strict):
     """Where pix2pix-zero's sentence sets come from (README: "Single-image editing methods")."""
     backend: Literal["rules", "openai"] = "rules"
     n: Pos = 16  # sentence pairs per edit
+    # rules: the edit in `n` random scene contexts, or the scene's own phrasings alone
+    contexts: Literal["random", "scene"] = "random"
     openai: OpenAIParams = OpenAIParams(max_tokens=2000, cache_dir=".cache/llm-sentences")
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from llm_server import ScriptedLLM, pairs_reply, serve
 from manip.ip2p.llm import LLMError, LLMSettings
-from manip.ip2p.sentences import OpenAISentences, parse_pairs, recontext, rules_sentences
+from manip.ip2p.sentences import OpenAISentences, parse_pairs, recontext, rules_sentences, scene_sentences
 from manip.models.tokenizer import TINY_MAX_LENGTH, build_clip_tokenizer
 from manip.world import EDIT_KINDS, EditNotApplicable, apply_edit, caption, sample_scene, scene_rng
 
@@ -59,6 +59,8 @@ def test_rules_sentences_vary_the_context_and_are_reproducible():
     assert all(edit.before in a and edit.after in b for a, b in zip(src, tgt))
     with pytest.raises(ValueError, match="at least one"):
         rules_sentences(edit, 0, seed=4)
+    own = scene_sentences(edit)
+    assert own[0][0] == caption(edit.source) and own[1][0] == caption(edit.target) and len(set(own[0])) == 4
 
 
 def _settings(url: str) -> LLMSettings:

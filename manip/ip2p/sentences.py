@@ -6,7 +6,8 @@ Two backends, like the caption edits:
 - `rules` (offline): the EmojiWorld scene grammar. Each pair is the edit's own source and target
   scene moved into a random context: every attribute the edit leaves alone (background, time
   of day, style, and the objects when the edit is not about them) is redrawn, the same for
-  both sides, and both are captioned in the same random phrasing.
+  both sides, and both are captioned in the same random phrasing. Or, without new contexts,
+  the scene's own phrasings on each side (`scene_sentences`).
 - `openai`: an OpenAI-compatible chat endpoint is shown the edit (source caption, target
   caption, instruction) and asked for `n` such pairs as JSON. Transport failures are retried and
   answers cached exactly as for the caption edits; pairs that are not two different non-empty
@@ -21,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from manip.world.captions import N_PHRASINGS, caption
+from manip.world.captions import N_PHRASINGS, all_captions, caption
 from manip.world.edits import Edit
 from manip.world.sampling import sample_scene
 from manip.world.scene import Scene
@@ -56,6 +57,11 @@ def rules_sentences(edit: Edit, n: int, seed: int) -> SentenceSets:
         src.append(caption(a, phrasing))
         tgt.append(caption(b, phrasing))
     return tuple(src), tuple(tgt)
+
+
+def scene_sentences(edit: Edit) -> SentenceSets:
+    """Every phrasing of the edit's own source and target captions."""
+    return tuple(all_captions(edit.source)), tuple(all_captions(edit.target))
 
 
 SYSTEM = (
