@@ -65,3 +65,21 @@ def tiny_world(tiny_params, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world-a") / "data" / "world"
     build(tiny_params, out)
     return out
+
+
+def open_clip_reference_tokenizer():
+    """open_clip's reference tokenizer module (a pure-Python port of OpenAI's BPE), loaded by
+    file path: importing the `open_clip` package pulls in torchvision, which the CPU
+    environment does not have. Skips the test when open_clip is not installed."""
+    import importlib.util
+
+    from manip.models.tokenizer import open_clip_dir
+
+    try:
+        path = open_clip_dir() / "tokenizer.py"
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    spec = importlib.util.spec_from_file_location("open_clip_tokenizer_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

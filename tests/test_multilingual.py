@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import subprocess
 import sys
 import unicodedata
@@ -14,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPTokenizer
 
-from manip.models.tokenizer import TINY_MAX_LENGTH, open_clip_dir
+from manip.models.tokenizer import TINY_MAX_LENGTH
 from manip.multilingual import (
     N_PHRASINGS_RU, LanguageError, all_captions_ru, bilingual_captions, build_bilingual_tokenizer, caption_ru,
     detect_language, fold_yo, save_bilingual_tokenizer,
@@ -29,6 +28,8 @@ from manip.multilingual.tokenizer import (
 )
 from manip.world import SPLITS, Placed, Scene, sample_scene, scene_rng
 from manip.world.vocab import ALL_STYLES, BACKGROUNDS, COLOURS, OBJECTS, SLOTS, TIMES
+
+from conftest import open_clip_reference_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SEED, HELD_OUT_SEED = 0, 1
@@ -290,13 +291,7 @@ def test_saved_files_load_with_clip_tokenizer(tokenizer, held_out_texts, tmp_pat
 def test_matches_the_openai_reference_implementation(tokenizer, held_out_texts, tmp_path):
     """open_clip's pure-Python port of OpenAI's BPE reads the merges the way CLIP does: the
     files are in CLIP's format, not only in one that transformers accepts."""
-    try:
-        path = open_clip_dir() / "tokenizer.py"
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    spec = importlib.util.spec_from_file_location("open_clip_tokenizer_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = open_clip_reference_tokenizer()
     merges = tmp_path / "merges.txt.gz"
     merges.write_bytes(gzip.compress(tokenizer_files(tokenizer)["merges.txt"].encode()))
     reference = module.SimpleTokenizer(str(merges))

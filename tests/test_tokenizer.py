@@ -1,15 +1,16 @@
 """The CLIP tokenizer built from open_clip's BPE file agrees with open_clip's own tokenizer."""
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
 from transformers import CLIPTokenizer
 
 from manip.models.factory import BOS_ID, EOS_ID, VOCAB_SIZE
-from manip.models.tokenizer import MAX_LENGTH, TINY_MAX_LENGTH, build_clip_tokenizer, open_clip_dir
+from manip.models.tokenizer import MAX_LENGTH, TINY_MAX_LENGTH, build_clip_tokenizer
 from manip.world import SPLITS, all_captions, sample_scene, scene_rng
+
+from conftest import open_clip_reference_tokenizer
 
 PLAIN_TEXTS = [
     "a photo of a cat",
@@ -31,14 +32,7 @@ PLAIN_TEXTS = [
 def open_clip_tokenizer():
     """open_clip's reference `SimpleTokenizer`, loaded by file path: importing the `open_clip`
     package pulls in torchvision, which the CPU environment does not have."""
-    try:
-        path = open_clip_dir() / "tokenizer.py"
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    spec = importlib.util.spec_from_file_location("open_clip_tokenizer_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SimpleTokenizer()
+    return open_clip_reference_tokenizer().SimpleTokenizer()
 
 
 @pytest.fixture(scope="module")
