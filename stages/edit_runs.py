@@ -69,18 +69,25 @@ def sentence_sets(params: Params, phrase):
 def run(params: Params, progress: bool = True) -> dict:
     p = params.edit_runs
     set_threads()
+    from manip.editing.single import EDITORS
     from manip.editing.single.runs import MethodRun
+    from manip.ip2p.rules import instruction
 
     # Settings are checked against each method's config before any model loads.
     runs = [MethodRun(label, r.method, r.settings, r.model) for label, r in p.runs.items()]
     for r in runs:
         r.config()
 
+    def phrase(edit, case) -> str:
+        return instruction(edit, np.random.default_rng([params.seed, 8, case.index, edit.kind == case.kind]))
+
+    # The sentence source (an LLM's key and endpoint) is checked before any model loads too.
+    sentences = sentence_sets(params, phrase) if any(EDITORS[r.method].uses_sentences for r in runs) else None
+
     from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
 
     from manip.editing.benchmark import KINDS, aggregate, build_cases, cases_csv, edit_grid
     from manip.editing.single.runs import RUN_METRICS, MethodRuns, reuse_summary
-    from manip.ip2p.rules import instruction
     from manip.metrics.clip_scores import ClipScorer
     from manip.metrics.judge import AttributeJudge
     from manip.world import Artwork, Renderer
@@ -102,9 +109,6 @@ def run(params: Params, progress: bool = True) -> dict:
     renderer = Renderer(Artwork(params.world.artwork_dir), params.world.size)
     cases = build_cases(load_split(TEST).scenes, params.seed, p.n_cases)
 
-    def phrase(edit, case) -> str:
-        return instruction(edit, np.random.default_rng([params.seed, 8, case.index, edit.kind == case.kind]))
-
     def second_edit(case):
         """Another edit of the same scene: the next kind that applies to it."""
         for kind in KINDS[KINDS.index(case.kind) + 1 :] + KINDS[: KINDS.index(case.kind)]:
@@ -115,7 +119,7 @@ def run(params: Params, progress: bool = True) -> dict:
         raise ValueError(f"no second edit applies to case {case.case_id}")
 
     runner = MethodRuns(pipes, renderer, scorer, judge, runs, WORK, params.seed, phrase, second_edit,
-                        sentence_sets(params, phrase), p.reuse_cases)
+                        sentences, p.reuse_cases)
     computed, remaining = runner.run(cases, limit=p.limit_per_run, progress=progress)
     labels = list(p.runs)
     records = runner.records(cases, labels)
@@ -124,6 +128,7 @@ def run(params: Params, progress: bool = True) -> dict:
         "n_cases_by_kind": {k: sum(c.kind == k for c in cases) for k in KINDS},
         "shards": {"done": len(records), "remaining": remaining},
         "runs": {label: {"method": r.method, "model": r.model, "settings": r.settings} for label, r in p.runs.items()},
+        "sentences": p.sentences.model_dump(include={"backend", "contexts", "n"}) if sentences else None,
         "grid_columns": ["input", "ground truth", *labels],
         "results": aggregate(records, labels, metrics=RUN_METRICS),
         "reuse": reuse_summary(records),

@@ -292,13 +292,19 @@ class EditRunParams(Strict):
         return self
 
 
+class SentencesOpenAIParams(OpenAIParams):
+    """A sentence-pairs answer is long (n pairs of captions) and is cached apart from the edits."""
+    max_tokens: Pos = 2000
+    cache_dir: str = ".cache/llm-sentences"
+
+
 class SentencesParams(Strict):
     """Where pix2pix-zero's sentence sets come from (README: "Single-image editing methods")."""
     backend: Literal["rules", "openai"] = "rules"
     n: Pos = 16  # sentence pairs per edit
     # rules: the edit in `n` random scene contexts, or the scene's own phrasings alone
     contexts: Literal["random", "scene"] = "random"
-    openai: OpenAIParams = OpenAIParams(max_tokens=2000, cache_dir=".cache/llm-sentences")
+    openai: SentencesOpenAIParams = SentencesOpenAIParams()
 
 
 class EditRunsParams(Strict):

@@ -128,3 +128,10 @@ def test_cli_writes_the_sentence_files(monkeypatch, tmp_path, tokenizer, capsys)
     assert (tmp_path / "out" / "target.txt").read_text().splitlines() == [f"a blue ball scene {i}" for i in range(3)]
     monkeypatch.delenv("OPENAI_API_KEY")
     assert main(args) == 2 and "OPENAI_API_KEY" in capsys.readouterr().err
+
+
+def test_sentence_llm_defaults_survive_a_partial_override():
+    from stages.params import SentencesParams
+
+    o = SentencesParams(backend="openai", openai={"base_url": "http://127.0.0.1:9/v1"}).openai
+    assert (o.max_tokens, o.cache_dir, o.base_url) == (2000, ".cache/llm-sentences", "http://127.0.0.1:9/v1")

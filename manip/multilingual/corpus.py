@@ -1,4 +1,5 @@
-"""The bilingual caption corpus a tokenizer for EmojiWorld is trained on."""
+"""A bilingual caption corpus over every split, reserved concepts and style included (the
+`multilingual` stage trains its tokenizer on the train split alone)."""
 from __future__ import annotations
 
 from manip.world import SPLITS, all_captions, sample_scene, scene_rng

@@ -28,8 +28,8 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 BYTE_SYMBOLS: tuple[str, ...] = tuple(_bytes_to_unicode().values())
 BASE_TOKENS: tuple[str, ...] = BYTE_SYMBOLS + tuple(b + END_OF_WORD for b in BYTE_SYMBOLS)
 MIN_VOCAB_SIZE = len(BASE_TOKENS) + 2
-# Room to spare: every word form of EmojiWorld's captions in both languages is one token after
-# about 660 merges (1,174 tokens), and more text may be added.
+# Room to spare: every word form of EmojiWorld's captions in both languages is one token with
+# about 1,150 tokens, and more text may be added.
 DEFAULT_VOCAB_SIZE = 4096
 MERGES_HEADER = "#version: 0.2"
 

@@ -18,7 +18,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 
 from manip.runtime import PeakMemory
 from manip.training.checkpoint import atomic_write
-from manip.ip2p.sentences import SentenceSets
 from manip.world.captions import caption
 from manip.world.edits import Edit, render_edit
 
@@ -35,6 +34,9 @@ from ..benchmark import (KINDS, METRICS, EditCase, _clean, _resize, fingerprint,
 from ..inversion import model_id
 from . import EDITORS, make_config
 from .base import EditRequest, PartCache
+
+if TYPE_CHECKING:
+    from manip.ip2p.sentences import SentenceSets
 
 RUN_METRICS: tuple[str, ...] = (*(m for m in METRICS if m != "invert_seconds"), "prepare_seconds", "peak_memory_mb",
                                  "stored_bytes")
@@ -64,10 +66,12 @@ class MethodRuns:
 
     def __init__(self, pipes: dict[str, Any], renderer, scorer, judge, runs: Sequence[MethodRun], work_dir: str | Path,
                  seed: int, instruction: Callable[[Edit, EditCase], str], second_edit: Callable[[EditCase], Edit],
-                 sentences: Callable[[Edit, EditCase], SentenceSets], reuse_cases: int = 2):
+                 sentences: Callable[[Edit, EditCase], SentenceSets] | None, reuse_cases: int = 2):
         labels = [r.label for r in runs]
         if len(set(labels)) != len(labels):
             raise ValueError(f"run labels must be distinct, got {labels}")
+        if sentences is None and any(EDITORS[r.method].uses_sentences for r in runs):
+            raise ValueError("a run reads sentence sets (pix2pix-zero) but no sentence source was given")
         missing = sorted({r.model for r in runs} - set(pipes))
         if missing:
             raise ValueError(f"runs name models {missing} that were not given; have {sorted(pipes)}")
