@@ -193,12 +193,14 @@ def run_single(args: argparse.Namespace) -> dict:
 
 
 def run_generate(args: argparse.Namespace) -> dict:
-    """Every prompt's language is checked before the model loads."""
+    """Every prompt's language, and whether the model's tokenizer reads it, is checked before
+    the model loads."""
     import torch
     from diffusers import StableDiffusionPipeline
     from PIL import Image
+    from transformers import AutoTokenizer
 
-    from manip.multilingual.prompts import prepare_prompts
+    from manip.multilingual.prompts import check_tokenizer_reads, prepare_prompts
     from manip.runtime import device, set_threads
     from manip.sampling import generate
 
@@ -207,6 +209,7 @@ def run_generate(args: argparse.Namespace) -> dict:
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
+    check_tokenizer_reads(AutoTokenizer.from_pretrained(model / "tokenizer"), prompts, str(model))
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     pipe.to(device())
     images = generate(pipe, prompts, [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))],

@@ -214,6 +214,13 @@ def test_cli_generates_from_a_russian_prompt(saved, tmp_path, capsys):
                  "--out", str(tmp_path / "cat.png")]) == 0
     assert json.loads(capsys.readouterr().out)["outputs"] == [str(tmp_path / "cat.png")]
     assert (tmp_path / "cat.png").is_file()
+    # The English-only base model is refused a Russian prompt, and still takes an English one.
+    base = saved.parent / "base"
+    assert main(["generate", "--model", str(base), "--prompt", RU_PROMPT, "--out", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err
+    assert "does not read Russian" in err and str(base) in err and not (tmp_path / "b.png").exists()
+    assert main(["generate", "--model", str(base), "--prompt", "a red cat on the beach", "--steps", "2",
+                 "--out", str(tmp_path / "b.png")]) == 0
 
 
 # --- params and stages -----------------------------------------------------------------------------
