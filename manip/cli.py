@@ -200,16 +200,17 @@ def run_generate(args: argparse.Namespace) -> dict:
     from PIL import Image
     from transformers import AutoTokenizer
 
-    from manip.multilingual.prompts import check_tokenizer_reads, prepare_prompts
+    from manip.prompts import read_prompts
     from manip.runtime import device, set_threads
     from manip.sampling import generate
 
-    prompts = prepare_prompts(args.prompt)
+    if any(not p.strip() for p in args.prompt):
+        raise ValueError("prompts must not be empty")
     set_threads()
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
-    check_tokenizer_reads(AutoTokenizer.from_pretrained(model / "tokenizer"), prompts, str(model))
+    prompts = read_prompts(AutoTokenizer.from_pretrained(model / "tokenizer"), args.prompt)
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     pipe.to(device())
     images = generate(pipe, prompts, [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))],
@@ -240,7 +241,7 @@ def run(args: argparse.Namespace) -> dict:
     from manip.editing.inversion import Inversion, invert
     from manip.editing.p2p import P2PConfig, PromptToPrompt
     from manip.runtime import device, set_threads
-    from manip.sampling import check_prompts
+    from manip.prompts import read_prompts
 
     set_threads()
 
@@ -255,7 +256,8 @@ def run(args: argparse.Namespace) -> dict:
     prompts = [args.source, *getattr(args, "target", [])]
     if any(not p.strip() for p in prompts):
         raise ValueError("prompts must not be empty")
-    check_prompts(pipe.tokenizer, prompts)
+    prompts = read_prompts(pipe.tokenizer, prompts)
+    source, targets = prompts[0], prompts[1:]
     config = None
     if args.command == "edit":
         blend = None
@@ -269,21 +271,21 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "edit" and args.from_inversion:
         inversion = Inversion.load(args.from_inversion, pipe)
     else:
-        inversion = invert(pipe, image, args.source, args.inversion, args.steps, args.guidance, args.inner_steps,
+        inversion = invert(pipe, image, source, args.inversion, args.steps, args.guidance, args.inner_steps,
                            progress=True)
     if args.command == "invert":
         inversion.notes = notes
         inversion.save(args.out)
         return {"artifact": args.out, "seconds": inversion.seconds, "notes": notes}
     store = AttentionStore(guided=inversion.guidance_scale != 1.0) if args.heatmaps else None
-    images = edit_inverted(pipe, inversion, args.target, config, record=store)
+    images = edit_inverted(pipe, inversion, targets, config, record=store)
     out = Path(args.out)
     paths = [out] if len(images) == 2 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(1, len(images))]
     for path, img in zip(paths, images[1:]):
         save_png(Image.fromarray(np.asarray(img)), path)
     result = {"outputs": [str(p) for p in paths], "inversion_seconds": inversion.seconds, "notes": notes}
     if store is not None:
-        save_png(render_heatmaps(store, pipe.tokenizer, [inversion.prompt, *args.target], images), Path(args.heatmaps))
+        save_png(render_heatmaps(store, pipe.tokenizer, [inversion.prompt, *targets], images), Path(args.heatmaps))
         result["heatmaps"] = args.heatmaps
     return result
 
@@ -294,12 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     from manip.editing.inversion import InversionMismatch
     from manip.editing.tokens import AlignmentError
     from manip.ip2p.llm import LLMError
-    from manip.sampling import PromptError
+    from manip.multilingual.language import LanguageError
+    from manip.prompts import PromptError
 
     try:
         print(json.dumps(run(args), indent=1))
-    except (ImageInputError, InversionMismatch, AlignmentError, PromptError, LLMError, FileNotFoundError,
-            ValueError) as err:
+    except (ImageInputError, InversionMismatch, AlignmentError, PromptError, LanguageError, LLMError,
+            FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -7,6 +7,7 @@ so for the same generators the result matches `StableDiffusionPipeline.__call__`
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -15,26 +16,15 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-
-class PromptError(ValueError):
-    """A prompt the text encoder cannot take as given."""
-
-
-def check_prompts(tokenizer, prompts: Sequence[str]) -> None:
-    limit = tokenizer.model_max_length
-    for p in prompts:
-        if not isinstance(p, str):
-            raise PromptError(f"prompts must be strings, got {type(p).__name__}")
-        n = len(tokenizer(p).input_ids)
-        if n > limit:
-            raise PromptError(f"prompt has {n} tokens, over the tokenizer limit of {limit}: {p[:80]!r}")
+from manip.prompts import read_prompts
 
 
 @torch.inference_mode()
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> torch.Tensor:
-    check_prompts(pipe.tokenizer, prompts)
-    ids = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str],
+                   placeholders: Collection[str] = ()) -> torch.Tensor:
+    """Text features of the prompts as `read_prompts` reads them (`placeholders`: see there)."""
+    ids = pipe.tokenizer(read_prompts(pipe.tokenizer, prompts, placeholders), padding="max_length",
+                         max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
 
 
@@ -116,10 +106,11 @@ def decode(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> np.ndarray:
 
 
 def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], generators: list[torch.Generator],
-             steps: int = 50, guidance_scale: float = 7.5, negative_prompt: str = "", progress: bool = False) -> np.ndarray:
+             steps: int = 50, guidance_scale: float = 7.5, negative_prompt: str = "", progress: bool = False,
+             placeholders: Collection[str] = ()) -> np.ndarray:
     if len(generators) != len(prompts):
         raise ValueError(f"need one generator per prompt, got {len(generators)} for {len(prompts)} prompts")
-    cond = encode_prompts(pipe, prompts)
+    cond = encode_prompts(pipe, prompts, placeholders)
     uncond = encode_prompts(pipe, [negative_prompt]).expand_as(cond) if guidance_scale != 1.0 else None
     latents = initial_latents(pipe, len(prompts), generators)
     return decode(pipe, denoise(pipe, latents, cond, uncond, steps, guidance_scale, progress))

@@ -25,7 +25,8 @@ from manip.editing.inversion import (METHODS, Inversion, InversionMismatch, ddim
 from manip.editing.p2p import LocalBlend, P2PConfig
 from manip.editing.tokens import AlignmentError, equalizer, refine_mapper, replace_mapper, word_spans
 from manip.models.tokenizer import TINY_MAX_LENGTH, build_clip_tokenizer
-from manip.sampling import PromptError, decode, denoise, encode_prompts, generate
+from manip.prompts import PromptError
+from manip.sampling import decode, denoise, encode_prompts, generate
 from manip.training.images import psnr
 from manip.world.vocab import BASE_OBJECTS
 from tiny_pipeline import PREDICTION_TYPES, saved_tiny_pipeline, tiny_pipeline

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from llm_server import ScriptedLLM, edited, serve
@@ -215,3 +216,92 @@ def test_item_rng_depends_only_on_identity():
     assert item_rng(0, "a", 1).integers(1 << 30) == item_rng(0, "a", 1).integers(1 << 30)
     draws = {int(item_rng(s, k, i).integers(1 << 30)) for s in (0, 1) for k in ("a", "b") for i in (0, 1)}
     assert len(draws) == 8
+
+
+# ---------------------------------------------------------------- Russian captions and edits
+
+
+def test_russian_world_captions_and_rules_edits(scenes):
+    from manip.multilingual import caption_ru, detect_language
+
+    captions = world_captions(scenes, 0, 140, language="ru")
+    assert [c.phrasing for c in captions] == [c.phrasing for c in world_captions(scenes, 0, 140)]
+    assert all(c.text == caption_ru(Scene.from_dict(c.scene), c.phrasing) for c in captions)
+    edits, rejected = RulesEditor(0).edit_all(captions, balanced=True)
+    assert not rejected and {e.kind for e in edits} == set(EDIT_KINDS)
+    phrasing = {c.id: c.phrasing for c in captions}
+    for e in edits:
+        assert detect_language(e.edit) == "ru" and detect_language(e.output) == "ru", e
+        assert caption_ru(Scene.from_dict(e.truth["target"]), phrasing[e.id]) == e.output
+    # The same edits as in English: only the words differ.
+    english, _ = RulesEditor(0).edit_all(world_captions(scenes, 0, 140), balanced=True)
+    assert [(e.id, e.kind, e.truth) for e in edits] == [(e.id, e.kind, e.truth) for e in english]
+    swaps = {e.edit for e in edits if e.kind == "object"}
+    assert any(s.startswith(("замени ", "преврати ")) for s in swaps)
+    by_id = {e.id: e for e in edits}
+    assert any(e.edit.endswith("цвет") for e in by_id.values() if e.kind == "colour")
+
+
+def test_rules_instructions_use_the_accusative():
+    from manip.ip2p.rules import instruction_ru
+    from manip.world import Placed
+    from manip.world.edits import Edit
+
+    source = Scene(objects=(Placed("cat", "natural", "left"), Placed("cat", "red", "right")), background="beach",
+                   time="day", style="photo")
+    target = source.with_(objects=(Placed("dog", "natural", "left"), source.objects[1]))
+    said = {instruction_ru(Edit("object", "cat", "dog", source, target), np.random.default_rng(i)) for i in range(20)}
+    assert said == {"замени кошку слева на собаку", "преврати кошку слева в собаку"}
+
+
+def test_rules_backend_rejects_a_caption_in_no_supported_language(scenes):
+    c = world_captions(scenes, 0, 1)[0]
+    _, rejected = RulesEditor(0).edit_all([Caption(c.id, "一只猫", c.scene, c.phrasing)])
+    assert rejected[0].reason == "language" and "unsupported script" in rejected[0].detail
+
+
+def test_shipped_russian_examples_and_the_language_in_the_prompt(monkeypatch, tmp_path):
+    from manip.ip2p.llm import examples_by_language
+
+    grouped = examples_by_language(load_examples())
+    assert set(grouped) == {"en", "ru"} and len(grouped["ru"]) >= 20
+    assert {e["kind"] for e in grouped["ru"]} == {e["kind"] for e in grouped["en"]}
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    editor = OpenAIEditor(_settings("http://127.0.0.1:9/v1"), tmp_path)
+    ru = editor.messages("красная кошка на пляже")
+    assert "write the edit and the output in Russian" in ru[0]["content"]
+    assert all(detect(m["content"]) == "ru" for m in ru[1:])
+    en = editor.messages("a red cat on the beach")
+    assert "Russian" not in en[0]["content"] and all(detect(m["content"]) == "en" for m in en[1:])
+    assert editor.key("красная кошка на пляже") != editor.key("a red cat on the beach")
+
+
+def detect(content: str) -> str:
+    from manip.multilingual import detect_language
+
+    try:
+        return detect_language(" ".join(json.loads(content).values()))
+    except json.JSONDecodeError:
+        return detect_language(content)
+
+
+def test_openai_backend_edits_russian_captions_and_quarantines_other_languages(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+
+    def reply(caption: str) -> dict:
+        if caption.startswith("синий"):  # answers in English to a Russian caption
+            return {"edit": "make it night", "output": "a blue house at night"}
+        return {"edit": "сделай ночь", "output": f"{caption} ночью"}
+
+    captions = [Caption("a", "красный дом на холме"), Caption("b", "синий дом на холме"),
+                Caption("c", "a red cat and кошка")]
+    llm = ScriptedLLM(reply=reply)
+    with serve(llm) as url:
+        edits, rejected = OpenAIEditor(_settings(url), tmp_path / "cache").edit_all(captions)
+    assert [(e.id, e.edit, e.output) for e in edits] == [("a", "сделай ночь", "красный дом на холме ночью")]
+    reasons = {r.id: (r.reason, r.detail) for r in rejected}
+    assert reasons["b"][0] == "wrong language" and "in English, the caption in Russian" in reasons["b"][1]
+    assert reasons["c"][0] == "language" and "mixes" in reasons["c"][1]
+    asked = {entry["caption"] for entry in llm.log}
+    assert asked == {"красный дом на холме", "синий дом на холме"}  # the mixed caption is never sent
+    assert all("in Russian" in entry["body"]["messages"][0]["content"] for entry in llm.log)

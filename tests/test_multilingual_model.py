@@ -18,13 +18,12 @@ from manip.models.factory import text_config
 from manip.models.tokenizer import TINY_MAX_LENGTH, build_clip_tokenizer
 from manip.multilingual import LanguageError, all_captions_ru, build_bilingual_tokenizer
 from manip.multilingual.distill import caption_set, distill, distillation_error
-from manip.multilingual.pipeline import save_multilingual_pipeline
-from manip.multilingual.prompts import prepare_prompts
+from manip.prompts import read_prompts
 from manip.multilingual.student import copy_teacher_embeddings, make_student, token_ids
 from manip.multilingual.tokenizer import MIN_VOCAB_SIZE
 from manip.training.loop import LoopConfig
 from manip.world import all_captions, sample_scene, scene_rng
-from tiny_pipeline import save_tiny_clip_and_judge, saved_tiny_pipeline
+from tiny_pipeline import save_tiny_clip_and_judge, saved_tiny_multilingual, saved_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = 32
@@ -148,11 +147,8 @@ def test_interrupted_distillation_resumes_exactly(tmp_path, tokenizers, teacher,
 # --- the pipeline folder ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, tokenizers) -> Path:
-    models = tmp_path_factory.mktemp("models")
-    saved_tiny_pipeline(models / "base", image_size=64)
-    save_multilingual_pipeline(models / "multilingual", models / "base", tokenizers[0], student(tokenizers).eval())
-    return models / "multilingual"
+def saved(tmp_path_factory) -> Path:
+    return saved_tiny_multilingual(tmp_path_factory.mktemp("models"))
 
 
 def test_folder_links_the_base_unet_and_vae(saved):
@@ -188,18 +184,25 @@ def test_russian_prompt_runs_end_to_end_with_plain_diffusers(saved):
 
 # --- prompts ---------------------------------------------------------------------------------------
 
-def test_mixed_or_unsupported_prompts_fail_with_the_reason():
-    assert prepare_prompts(["a red cat", "желтая ёлка"]) == ["a red cat", "желтая елка"]
+def test_mixed_or_unsupported_prompts_fail_with_the_reason(saved):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(saved / "tokenizer")
+    assert read_prompts(tokenizer, ["a red cat", "желтая ёлка", ""]) == ["a red cat", "желтая елка", ""]
     with pytest.raises(LanguageError, match=r"prompt 2 \('a red кошка'\): .*mixes English words"):
-        prepare_prompts(["a dog", "a red кошка"])
+        read_prompts(tokenizer, ["a dog", "a red кошка"])
     with pytest.raises(LanguageError, match="unsupported script"):
-        prepare_prompts(["一只猫"])
+        read_prompts(tokenizer, ["一只猫"])
+    # A concept's identifier names it in either language; elsewhere it is an English word.
+    assert read_prompts(tokenizer, ["sks корона на пляже"], placeholders={"sks"}) == ["sks корона на пляже"]
+    with pytest.raises(LanguageError, match=r"English words \['sks'\]"):
+        read_prompts(tokenizer, ["sks корона на пляже"])
 
 
-def test_cli_refuses_a_mixed_prompt_before_loading_a_model(tmp_path, capsys):
+def test_cli_refuses_a_mixed_prompt_before_loading_a_model(saved, tmp_path, capsys):
     from manip.cli import main
 
-    code = main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "кошка on the beach",
+    code = main(["generate", "--model", str(saved), "--prompt", "кошка on the beach",
                  "--out", str(tmp_path / "x.png")])
     assert code == 2
     err = capsys.readouterr().err

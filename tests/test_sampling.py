@@ -11,7 +11,8 @@ from transformers import CLIPTextModel
 from manip.models.factory import make_unet, make_vae, text_config
 from manip.models.schedulers import sampling_scheduler
 from manip.models.tokenizer import TINY_MAX_LENGTH, build_clip_tokenizer
-from manip.sampling import PromptError, generate
+from manip.prompts import PromptError
+from manip.sampling import generate
 
 PROMPTS = ["a red cat on the left, on the beach at sunset", "a photo of a dog in the center, in the snow at night"]
 STEPS, GUIDANCE = 3, 7.5

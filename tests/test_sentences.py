@@ -135,3 +135,26 @@ def test_sentence_llm_defaults_survive_a_partial_override():
 
     o = SentencesParams(backend="openai", openai={"base_url": "http://127.0.0.1:9/v1"}).openai
     assert (o.max_tokens, o.cache_dir, o.base_url) == (2000, ".cache/llm-sentences", "http://127.0.0.1:9/v1")
+
+
+def test_russian_sentence_sets_from_the_rules_and_an_llm(monkeypatch, tmp_path):
+    from manip.multilingual import caption_ru, detect_language
+
+    edit = edits_of_every_kind()["object"]
+    src, tgt = rules_sentences(edit, 16, seed=4, language="ru")
+    assert all(detect_language(s) == "ru" for s in (*src, *tgt))
+    english = rules_sentences(edit, 16, seed=4)
+    assert len(set(src)) == len(set(english[0]))  # the same contexts, written in Russian
+    own = scene_sentences(edit, "ru")
+    assert own[0][0] == caption_ru(edit.source) and own[1][0] == caption_ru(edit.target)
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    answer = {"pairs": [{"source": "кошка в городе", "target": "собака в городе"},
+                        {"source": "a cat in the city", "target": "a dog in the city"}]}
+    llm = ScriptedLLM(reply=lambda user: answer)
+    with serve(llm) as url:
+        sentences = OpenAISentences(_settings(url), tmp_path)
+        assert sentences(caption_ru(edit.source), caption_ru(edit.target), None, 2) == (("кошка в городе",),
+                                                                                         ("собака в городе",))
+    assert sentences.dropped == ["pair 1: not written in Russian"]
+    assert "language: Russian" in llm.log[0]["caption"]

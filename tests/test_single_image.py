@@ -23,8 +23,8 @@ from manip.editing.single.base import Holder, TuneConfig, fit
 from manip.editing.single.pix2pix_zero import autocorrelation_loss, kl_loss
 from manip.ip2p.finetune import instruct_pipeline, widen_conv_in
 from llm_server import ScriptedLLM, pairs_reply, serve
-from manip.sampling import PromptError
-from tiny_pipeline import save_tiny_clip_and_judge, saved_tiny_pipeline, tiny_pipeline
+from manip.prompts import PromptError
+from tiny_pipeline import save_tiny_clip_and_judge, saved_tiny_multilingual, saved_tiny_pipeline, tiny_pipeline
 
 from conftest import tiny_params_dict
 
@@ -301,16 +301,18 @@ def test_cli_edits_with_each_method_and_reuses_the_cache(tmp_path):
 
 @pytest.fixture
 def runs_dir(tmp_path, tiny_world, ip2p_pipe) -> Path:
-    """A project-shaped folder: params.yaml with the tiny edit_runs section, the tiny world, and
-    models/{base,ip2p,clip,judge}."""
+    """A project-shaped folder: params.yaml with the tiny edit_runs section and a Prompt-to-Prompt
+    run in Russian, the tiny world, and models/{base,ip2p,multilingual,clip,judge}."""
     params = tiny_params_dict()
     params["edit_runs"] = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())["edit_runs"]
     params["edit_runs"]["n_cases"] = 6
     params["edit_runs"]["limit_per_run"] = 20
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    params["edit_runs"]["runs"]["p2p-ru"] = {"method": "p2p", "model": "multilingual", "language": "ru",
+                                             "settings": {"inversion": "ddim"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "world").symlink_to(tiny_world, target_is_directory=True)
-    saved_tiny_pipeline(tmp_path / "models" / "base", "epsilon", smooth=True, image_size=64)
+    saved_tiny_multilingual(tmp_path / "models", smooth=True, image_size=64)
     from diffusers import StableDiffusionPipeline
 
     base = StableDiffusionPipeline.from_pretrained(tmp_path / "models" / "base", safety_checker=None,
@@ -343,6 +345,7 @@ def test_edit_runs_stage_end_to_end_and_resume(runs_dir, monkeypatch):
                     "stored_bytes"):
             assert isinstance(overall[key], float), (label, key)
     assert metrics["results"]["instruct-pix2pix"]["overall"]["recon_psnr"] is None
+    assert metrics["runs"]["p2p-ru"]["language"] == "ru" and metrics["results"]["p2p-ru"]["overall"]["n"] == 6
     assert metrics["results"]["unitune"]["overall"]["stored_bytes"] > 1e5
     # The first case was edited twice; the second edit reused the fine-tune.
     reuse = metrics["reuse"]
@@ -397,6 +400,10 @@ def test_edit_runs_params_are_checked_before_models_load(tmp_path, monkeypatch):
     params["edit_runs"] = {"runs": {"x": {"method": "imagic", "model": "ip2p"}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match="imagic edits with model 'base'"):
+        load_params("params.yaml")
+    params["edit_runs"] = {"runs": {"x": {"method": "p2p", "language": "ru"}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="Russian prompts need the multilingual model"):
         load_params("params.yaml")
     params["edit_runs"] = {"runs": {}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -78,3 +78,22 @@ def save_tiny_clip_and_judge(models: Path) -> None:
     build_clip_tokenizer().save_pretrained(models / "clip")
     image_processor(64).save_pretrained(models / "clip")
     AttributeJudge(width=8, image_size=64).eval().save_pretrained(models / "judge")
+
+
+def saved_tiny_multilingual(models: Path, image_size: int = 64, smooth: bool = False, n_scenes: int = 48) -> Path:
+    """A tiny multilingual model under models/multilingual beside its base under models/base:
+    a bilingual tokenizer trained on both languages' captions of `n_scenes` train scenes and a
+    random-weight student text encoder as wide as the base UNet's cross-attention."""
+    from manip.multilingual import all_captions_ru, build_bilingual_tokenizer
+    from manip.multilingual.pipeline import save_multilingual_pipeline
+    from manip.multilingual.student import make_student
+    from manip.world import all_captions, sample_scene, scene_rng
+
+    base = saved_tiny_pipeline(models / "base", smooth=smooth, image_size=image_size)
+    scenes = [sample_scene(scene_rng(0, "train", i), "train") for i in range(n_scenes)]
+    tokenizer = build_bilingual_tokenizer([c for s in scenes for c in (*all_captions(s), *all_captions_ru(s))],
+                                          max_length=TINY_MAX_LENGTH)
+    torch.manual_seed(0)
+    student = make_student(tokenizer, 32, layers=1, heads=2).eval()
+    save_multilingual_pipeline(models / "multilingual", base, tokenizer, student)
+    return models / "multilingual"

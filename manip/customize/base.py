@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+from manip.multilingual.language import PLACEHOLDER_WORD, Language, detect_language
+from manip.prompts import read_prompts
 from manip.runtime import PeakMemory
 from manip.sampling import generate
 from manip.training.checkpoint import atomic_write, replace_dir, staging_dir
@@ -126,12 +128,22 @@ class Customizer(ABC):
             raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, got {type(self.config).__name__}")
         self.concepts: list[Concept] = []
 
-    def phrase(self, concept: Concept) -> str:
-        """How prompts name the concept; weight-only methods bind a rare token to the class."""
-        return f"{concept.identifier} {concept.class_noun}"
+    def phrase(self, concept: Concept, language: Language = "en") -> str:
+        """How prompts in `language` name the concept; weight-only methods bind a rare token to
+        the class."""
+        return f"{concept.identifier} {concept.noun(language)}"
+
+    def placeholders(self) -> set[str]:
+        """The words that name this model's concepts in a prompt of any language."""
+        return {word for c in self.concepts for word in (c.identifier, c.placeholder)}
 
     def prompt(self, concept: Concept, template: str) -> str:
-        return template.format(self.phrase(concept))
+        """The template, in either language, with the concept's phrase in that language."""
+        return template.format(self.phrase(concept, detect_language(template.format(PLACEHOLDER_WORD))))
+
+    def read(self, prompts: Sequence[str]) -> list[str]:
+        """`read_prompts` for this model: its concepts' words belong to no language."""
+        return read_prompts(self.pipe.tokenizer, prompts, self.placeholders())
 
     def text_trains(self) -> bool:
         """Whether text features need gradients (a learnt embedding or text-encoder weights)."""
@@ -177,7 +189,7 @@ class Customizer(ABC):
         self.pipe.text_encoder.requires_grad_(False)
         self.pipe.unet.requires_grad_(False)
         self._instance = encode_images(self.pipe, np.concatenate([c.images for c in concepts]),
-                                       [self.prompt(c, t) for c in concepts for t in c.templates])
+                                       self.read([self.prompt(c, t) for c in concepts for t in c.templates]))
         self._regular = encode_images(self.pipe, prior.images, prior.captions) if prior is not None else None
         self._scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup=min(cfg.warmup, cfg.steps - 1),
@@ -220,11 +232,12 @@ class Customizer(ABC):
 
     def generate(self, prompts: Sequence[str], generators: list[torch.Generator], steps: int = 50,
                  guidance_scale: float = 7.5) -> np.ndarray:
-        return generate(self.pipe, prompts, generators, steps=steps, guidance_scale=guidance_scale)
+        return generate(self.pipe, self.read(prompts), generators, steps=steps, guidance_scale=guidance_scale,
+                        placeholders=self.placeholders())
 
     def _concept_meta(self, c: Concept) -> dict[str, Any]:
         return {"name": c.name, "placeholder": c.placeholder, "identifier": c.identifier,
-                "class_noun": c.class_noun, "kind": c.kind, "phrase": self.phrase(c)}
+                "class_noun": c.class_noun, "class_noun_ru": c.class_noun_ru, "kind": c.kind, "phrase": self.phrase(c)}
 
     def save(self, directory: str | Path) -> Path:
         """Write the artifact and a manifest (method, settings, concept phrases) atomically."""
@@ -263,7 +276,7 @@ def concept_from_meta(meta: dict[str, Any]) -> Concept:
     """The concept a saved artifact was trained on, without its reference images."""
     return Concept(name=meta["name"], images=np.zeros((1, 1, 1, 3), np.uint8), templates=("{}",),
                    class_noun=meta["class_noun"], placeholder=meta["placeholder"], identifier=meta["identifier"],
-                   kind=meta["kind"])
+                   kind=meta["kind"], class_noun_ru=meta.get("class_noun_ru"))
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

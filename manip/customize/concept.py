@@ -14,6 +14,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from manip.editing.images import ImageInputError, load_image
+from manip.multilingual.language import Language
 
 
 class ConceptError(ValueError):
@@ -26,9 +27,11 @@ class Concept:
 
     `placeholder` is the new token methods that learn an embedding add to the vocabulary (Textual
     Inversion, Custom Diffusion, ELITE); `identifier` is the rare existing token methods that
-    only change weights bind to (DreamBooth, LoRA, SVDiff, Cones). `class_noun` is the word the
-    base model already draws for the concept's kind: DreamBooth's prior class. `templates` holds
-    one caption per image with `{}` where the concept phrase goes."""
+    only change weights bind to (DreamBooth, LoRA, SVDiff, Cones); both name the concept in a
+    prompt of any language. `class_noun` is the word the base model already draws for the
+    concept's kind: DreamBooth's prior class; `class_noun_ru` is that word in Russian, for
+    Russian prompts on a multilingual model. `templates` holds one caption per image, in either
+    language, with `{}` where the concept phrase goes."""
 
     name: str
     images: np.ndarray  # (N, H, W, 3) uint8
@@ -38,6 +41,7 @@ class Concept:
     identifier: str = "sks"
     kind: Literal["object", "style"] = "object"
     class_templates: tuple[str, ...] = field(default=())  # captions for prior/regularisation images
+    class_noun_ru: str | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
@@ -54,8 +58,13 @@ class Concept:
         if not self.placeholder.strip() or not self.class_noun.strip():
             raise ConceptError(f"concept {self.name!r}: placeholder and class noun must be non-empty")
 
-    def captions(self, phrase: str) -> list[str]:
-        return [t.format(phrase) for t in self.templates]
+    def noun(self, language: Language) -> str:
+        """The class noun in a prompt's language."""
+        if language == "en":
+            return self.class_noun
+        if not self.class_noun_ru:
+            raise ConceptError(f"concept {self.name!r} has no Russian class noun (class_noun_ru) for a Russian prompt")
+        return self.class_noun_ru
 
 
 def load_reference_images(paths: Sequence[str | Path], size: int) -> np.ndarray:

@@ -20,6 +20,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
+from manip.multilingual.language import Language
+
 from .base import Customizer, FitConfig, phrase_mask, tokenize
 from .concept import Concept
 from .textual_inversion import TrainableRows, add_tokens, class_embedding
@@ -50,8 +52,8 @@ class CustomDiffusion(Customizer):
     Config = CustomDiffusionConfig
     config: CustomDiffusionConfig
 
-    def phrase(self, concept: Concept) -> str:
-        return f"{concept.placeholder} {concept.class_noun}"
+    def phrase(self, concept: Concept, language: Language = "en") -> str:
+        return f"{concept.placeholder} {concept.noun(language)}"
 
     def text_trains(self) -> bool:
         return True

@@ -48,6 +48,7 @@ from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from manip.multilingual.language import Language
 from manip.runtime import PeakMemory
 from manip.training.images import batch_rng
 from manip.training.loop import LoopConfig, LossFn, TrainResult, train
@@ -512,7 +513,7 @@ class Elite(Customizer):
         self._state = LocalState(self.config.local_weight)
         self._locals: list[_ConceptLocal] = []
 
-    def phrase(self, concept: Concept) -> str:
+    def phrase(self, concept: Concept, language: Language = "en") -> str:
         return concept.placeholder
 
     def _prepare(self) -> NoReturn:
@@ -561,6 +562,7 @@ class Elite(Customizer):
                  guidance_scale: float = 7.5) -> np.ndarray:
         """Sample with each concept's local features active in the prompts that name it; a call
         whose prompts name no concept runs the base model's own attention."""
+        prompts = self.read(prompts)
         ids = tokenize(self.pipe, prompts)
         injections = []
         for c in self._locals:

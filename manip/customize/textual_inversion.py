@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from manip.multilingual.language import Language
+
 from .base import Customizer, FitConfig
 from .concept import Concept, ConceptError
 
@@ -86,7 +88,7 @@ class TextualInversion(Customizer):
     Config = TextualInversionConfig
     config: TextualInversionConfig
 
-    def phrase(self, concept: Concept) -> str:
+    def phrase(self, concept: Concept, language: Language = "en") -> str:
         return concept.placeholder
 
     def text_trains(self) -> bool:

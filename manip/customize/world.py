@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from manip.multilingual.russian import OBJECTS_RU, STYLES_RU
 from manip.world import Placed, Renderer, Scene, caption
 from manip.world.vocab import BACKGROUNDS, BASE_OBJECTS, RESERVED_OBJECTS, RESERVED_STYLES, SLOTS, STYLES, TIMES
 
@@ -88,7 +89,8 @@ def world_concept(name: str, renderer: Renderer, n_references: int, n_prompts: i
     concept = Concept(
         name=name, images=np.stack([renderer.render_array(s) for s in references]),
         templates=tuple(concept_template(s, name) for s in references), class_noun=CLASS_NOUNS[name],
-        placeholder=f"<{name}>", identifier=IDENTIFIERS[index], kind="style" if style else "object")
+        placeholder=f"<{name}>", identifier=IDENTIFIERS[index], kind="style" if style else "object",
+        class_noun_ru=STYLES_RU[_STYLE_CLASS[name]] if style else OBJECTS_RU[CLASS_NOUNS[name]].word)
     return WorldConcept(concept=concept, cases=tuple(PromptCase(concept_template(s, name), s) for s in cases),
                         class_cases=tuple(PromptCase(caption(s), s) for s in class_scenes))
 

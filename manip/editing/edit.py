@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
+from manip.prompts import read_prompts
 from manip.sampling import Guidance, StepHook, Uncond, decode, denoise, encode_prompts, guides, initial_latents
 
 from .attention import AttentionStore, controlled_attention
@@ -27,6 +28,9 @@ def _p2p(pipe: StableDiffusionPipeline, x_T: torch.Tensor, groups: Sequence[Sequ
     `guidance_scale` holds one scale per group. `record` receives the attention as edited, for
     heatmaps."""
     guided = uncond is not None and guides(guidance_scale)
+    # Alignments are built on the prompts as the encoder reads them (ё folded), or they would
+    # count other tokens than the features they index.
+    groups = [read_prompts(pipe.tokenizer, g) for g in groups]
     controller = PromptToPrompt(pipe.tokenizer, groups, steps, configs, guided=guided).to(pipe.unet.device)
     size = controller.group_size
     if torch.is_tensor(guidance_scale):

@@ -10,6 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+from manip.multilingual.russian import fold_yo
+
+
+def _bare(word: str) -> str:
+    """A word as edits name it: lower case, ё as е, without the punctuation at its edges."""
+    return fold_yo(word.lower().strip(",.:;!?"))
+
 
 class AlignmentError(ValueError):
     """Two prompts whose words cannot be aligned for the requested edit."""
@@ -22,8 +29,10 @@ class WordSpans:
     n_tokens: int  # including BOS and EOS
 
     def tokens_of(self, word: str) -> list[int]:
-        """Token indices of every occurrence of `word` (case-insensitive, punctuation kept)."""
-        hits = [i for w, (a, b) in zip(self.words, self.spans) for i in range(a, b) if w.lower().strip(",.") == word.lower()]
+        """Token indices of every occurrence of `word` (case-insensitive, ё as е, punctuation
+        at the word's edges ignored)."""
+        wanted = _bare(word)
+        hits = [i for w, (a, b) in zip(self.words, self.spans) for i in range(a, b) if _bare(w) == wanted]
         if not hits:
             raise AlignmentError(f"word {word!r} is not in the prompt {' '.join(self.words)!r}")
         return hits

@@ -8,20 +8,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from manip.world.captions import N_PHRASINGS, caption
+from manip.multilingual.corpus import CAPTION_WRITERS
+from manip.multilingual.language import Language
 from manip.world.scene import Scene
 
 from .records import Caption, CaptionError, Rejected, check_caption, item_rng, iter_jsonl_bytes
 
 
-def world_captions(scenes: Sequence[Scene], seed: int, n: int, prefix: str = "world") -> list[Caption]:
-    """The first `n` scenes, each in a phrasing drawn from (seed, id), so the edits and the model
-    see every word order the world's captions use."""
+def world_captions(scenes: Sequence[Scene], seed: int, n: int, prefix: str = "world",
+                   language: Language = "en") -> list[Caption]:
+    """The first `n` scenes in `language`, each in a phrasing drawn from (seed, id), so the edits
+    and the model see every word order the world's captions use."""
+    n_phrasings, write = CAPTION_WRITERS[language]
     out = []
     for i, scene in enumerate(scenes[:n]):
         cid = f"{prefix}-{i:06d}"
-        phrasing = int(item_rng(seed, "phrasing", cid).integers(N_PHRASINGS))
-        out.append(Caption(cid, caption(scene, phrasing), scene.to_dict(), phrasing))
+        phrasing = int(item_rng(seed, "phrasing", cid).integers(n_phrasings))
+        out.append(Caption(cid, write(scene, phrasing), scene.to_dict(), phrasing))
     return out
 
 

@@ -2,10 +2,12 @@
 
 A few-shot prompt built from human-written {input, edit, output} examples asks for one JSON object
 per caption. Transport failures (timeouts, connection errors, 429, 5xx) are retried with
-exponential backoff, honouring Retry-After; answers that are not the JSON asked for, or whose
-output caption equals the input, are quarantined with the reason. Every answer that came back is
-cached under a key of (model, prompt template, caption), so a rerun costs no requests and gives
-the same bytes. The API key is read from the environment by the client and is never part of a
+exponential backoff, honouring Retry-After; answers that are not the JSON asked for, whose
+output caption equals the input, or that are not in the caption's language, are quarantined with
+the reason. The caption's language (English or Russian) is passed on: a Russian caption gets the
+Russian examples and a system prompt asking for a Russian answer. Every answer that came back is
+cached under a key of (model, sampling settings, the whole conversation), so a rerun costs no
+requests and gives the same bytes. The API key is read from the environment by the client and is never part of a
 key, a record, a message or a log line.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from manip.multilingual.language import Language, LanguageError, detect_language
 from manip.training.checkpoint import atomic_write
 
 from .records import Caption, CaptionEdit, CaptionError, Rejected, check_caption, partition
@@ -35,7 +38,9 @@ SYSTEM = (
     "the image, and \"output\", the caption of the edited image, which keeps every word of the input "
     "caption that the edit does not change. Reply with the JSON object only."
 )
-EXAMPLES_FILE = "fewshot_edits.jsonl"
+# Human-written examples per caption language; a caption gets examples in its own language.
+EXAMPLES_FILES: dict[Language, str] = {"en": "fewshot_edits.jsonl", "ru": "fewshot_edits_ru.jsonl"}
+LANGUAGE_NAMES: dict[Language, str] = {"en": "English", "ru": "Russian"}
 
 
 class LLMError(RuntimeError):
@@ -59,14 +64,26 @@ class LLMSettings:
 
 
 def load_examples(path: str | Path | None = None) -> list[dict]:
-    """The shipped human-written examples, or a JSONL file of {input, edit, output[, kind]}."""
-    text = (Path(path).read_text(encoding="utf-8") if path else
-            resources.files("manip.ip2p").joinpath(EXAMPLES_FILE).read_text(encoding="utf-8"))
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    """The shipped human-written examples of every language, or a JSONL file of
+    {input, edit, output[, kind]}."""
+    texts = ([Path(path).read_text(encoding="utf-8")] if path else
+             [resources.files("manip.ip2p").joinpath(name).read_text(encoding="utf-8") for name in EXAMPLES_FILES.values()])
+    rows = [json.loads(line) for text in texts for line in text.splitlines() if line.strip()]
     for i, r in enumerate(rows, 1):
         if not all(isinstance(r.get(k), str) and r[k].strip() for k in ("input", "edit", "output")):
             raise ValueError(f"example {i} needs non-empty input, edit and output strings: {r}")
     return rows
+
+
+def examples_by_language(examples: Sequence[dict]) -> dict[Language, list[dict]]:
+    """Examples grouped by the language of their input caption, in file order."""
+    grouped: dict[Language, list[dict]] = {}
+    for e in examples:
+        try:
+            grouped.setdefault(detect_language(e["input"]), []).append(e)
+        except LanguageError as err:
+            raise ValueError(f"few-shot example {e['input']!r}: {err}") from None
+    return grouped
 
 
 def pick_examples(examples: Sequence[dict], n: int) -> list[dict]:
@@ -83,8 +100,15 @@ def pick_examples(examples: Sequence[dict], n: int) -> list[dict]:
     return picked
 
 
-def build_messages(examples: Sequence[dict], caption: str) -> list[dict]:
-    messages = [{"role": "system", "content": SYSTEM}]
+def system_prompt(language: Language) -> str:
+    if language == "en":
+        return SYSTEM
+    name = LANGUAGE_NAMES[language]
+    return f"{SYSTEM} The caption is in {name}: write the edit and the output in {name}."
+
+
+def build_messages(examples: Sequence[dict], caption: str, language: Language = "en") -> list[dict]:
+    messages = [{"role": "system", "content": system_prompt(language)}]
     for e in examples:
         messages.append({"role": "user", "content": e["input"]})
         messages.append({"role": "assistant", "content": json.dumps({"edit": e["edit"], "output": e["output"]})})
@@ -112,8 +136,10 @@ def json_object(content: str | None) -> dict:
     return obj
 
 
-def parse_answer(content: str | None, caption: str, tokenizer=None) -> tuple[str, str] | tuple[None, tuple[str, str]]:
-    """(edit, output), or (None, (reason, detail)) for an answer that cannot be used."""
+def parse_answer(content: str | None, caption: str, tokenizer=None,
+                 language: Language = "en") -> tuple[str, str] | tuple[None, tuple[str, str]]:
+    """(edit, output), or (None, (reason, detail)) for an answer that cannot be used; both must
+    be written in the caption's `language`."""
     try:
         obj = json_object(content)
     except ValueError as err:
@@ -128,6 +154,14 @@ def parse_answer(content: str | None, caption: str, tokenizer=None) -> tuple[str
         return None, (f"output {err.reason}", err.detail)
     if _normalise(output) == _normalise(caption):
         return None, ("unchanged", "the output caption is the input caption")
+    for name, text in (("edit", edit), ("output", output)):
+        try:
+            written = detect_language(text)
+        except LanguageError as err:
+            return None, ("wrong language", f"{name}: {err}")
+        if written != language:
+            return None, ("wrong language", f"the {name} is in {LANGUAGE_NAMES[written]}, the caption in "
+                                            f"{LANGUAGE_NAMES[language]}: {text[:120]!r}")
     return edit, output
 
 
@@ -190,7 +224,9 @@ class ChatEndpoint:
         self._status_error = openai.APIStatusError
 
     def key(self, user: str) -> str:
-        blob = json.dumps([self.settings.model, self.template, user])
+        """Keyed by the whole conversation, so answers given to a prompt in one language, or
+        with other examples, are never read for another."""
+        blob = json.dumps([self.settings.model, self.template, self.messages(user)])
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _request(self, user: str) -> str | None:
@@ -232,14 +268,31 @@ class ChatEndpoint:
         return None, f"no answer after {s.max_attempts} attempts, last: {last}"
 
 
+def caption_language(caption: str) -> Language:
+    """The caption's language; a caption whose language cannot be told is asked about in
+    English (`edit_one` rejects it before asking)."""
+    try:
+        return detect_language(caption)
+    except LanguageError:
+        return "en"
+
+
 class OpenAIEditor:
     name = "openai"
 
     def __init__(self, settings: LLMSettings, cache_dir: str | Path, tokenizer=None,
                  sleep: Callable[[float], None] = time.sleep):
         self.settings, self.tokenizer = settings, tokenizer
-        self.examples = pick_examples(list(settings.examples) or load_examples(), settings.n_examples)
-        self.endpoint = ChatEndpoint(settings, cache_dir, lambda caption: build_messages(self.examples, caption), sleep)
+        grouped = examples_by_language(list(settings.examples) or load_examples())
+        self.examples = {language: pick_examples(rows, settings.n_examples) for language, rows in grouped.items()}
+        self.endpoint = ChatEndpoint(settings, cache_dir, self.messages, sleep)
+
+    def messages(self, caption: str) -> list[dict]:
+        """The conversation for one caption: the system prompt and examples of its language
+        (English examples where none of its language were given)."""
+        language = caption_language(caption)
+        examples = self.examples.get(language) or self.examples.get("en", [])
+        return build_messages(examples, caption, language)
 
     @property
     def requests(self) -> int:
@@ -252,10 +305,14 @@ class OpenAIEditor:
         return self.endpoint.answer(caption)
 
     def edit_one(self, c: Caption) -> CaptionEdit | Rejected:
+        try:
+            language = detect_language(c.text)
+        except LanguageError as err:
+            return Rejected(c.id, c.text, "language", str(err))
         content, failure = self.answer(c.text)
         if content is None:
             return Rejected(c.id, c.text, "endpoint failed", failure)
-        edit, output = parse_answer(content, c.text, self.tokenizer)
+        edit, output = parse_answer(content, c.text, self.tokenizer, language)
         if edit is None:
             reason, detail = output
             return Rejected(c.id, c.text, reason, detail)

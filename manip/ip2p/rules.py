@@ -2,17 +2,21 @@
 
 Each caption that describes a known scene gets one single-attribute edit (`manip.world.apply_edit`),
 an instruction in one of several phrasings, the output caption in the input's own phrasing, and
-the edited scene as ground truth, so a model trained on these pairs can be scored exactly.
+the edited scene as ground truth, so a model trained on these pairs can be scored exactly. The
+instruction and the output caption are in the input caption's language, English or Russian.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from manip.multilingual.language import Language, LanguageError, detect_language
+from manip.multilingual.russian import BACKGROUNDS_RU, COLOURS_RU, OBJECTS_RU, SLOTS_RU, caption_ru
 from manip.world.captions import caption
 from manip.world.edits import EDIT_KINDS, Edit, EditNotApplicable, apply_edit
-from manip.world.scene import Scene
+from manip.world.scene import Placed, Scene
 
 from .records import Caption, CaptionEdit, Rejected, item_rng, partition
 
@@ -45,37 +49,103 @@ def _a(word: str) -> str:
     return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
-def _refer(scene: Scene, name: str, slot: str) -> str:
-    """The object's name, with its slot when another object shares the name."""
-    twins = sum(o.name == name for o in scene.objects)
-    return f"{name} on the {slot}" if twins > 1 else name
+@dataclass(frozen=True)
+class Change:
+    """What an edit changed, in words neither language owns: the template kind and the object
+    it names (the changed, added or removed one), with whether another object shares its name,
+    so the instruction says which one."""
+
+    kind: str
+    obj: Placed | None = None
+    twin: bool = False
+
+
+def change_of(edit: Edit) -> Change:
+    src, tgt = edit.source, edit.target
+    if edit.kind == "object":
+        obj = next(a for a, b in zip(src.objects, tgt.objects) if a.name != b.name)
+    elif edit.kind == "colour":
+        obj = next(a for a, b in zip(src.objects, tgt.objects) if a.colour != b.colour)
+    elif edit.kind == "add":
+        obj = tgt.objects[-1]
+    elif edit.kind == "remove":
+        obj = next(o for o in src.objects if o not in tgt.objects)
+    else:
+        return Change(edit.kind)
+    kind = "colour-natural" if edit.kind == "colour" and edit.after == "natural" else edit.kind
+    return Change(kind, obj, sum(o.name == obj.name for o in src.objects) > 1)
+
+
+def _pick(options: Sequence[str], rng: np.random.Generator, **fields: str) -> str:
+    return options[int(rng.integers(len(options)))].format(**fields)
 
 
 def instruction(edit: Edit, rng: np.random.Generator) -> str:
-    src, tgt = edit.source, edit.target
+    change = change_of(edit)
     fields: dict[str, str] = {"before": edit.before, "after": edit.after}
-    kind = edit.kind
-    if kind == "object":
-        i = next(k for k, (a, b) in enumerate(zip(src.objects, tgt.objects)) if a.name != b.name)
-        fields.update(before=_refer(src, edit.before, src.objects[i].slot), after_a=_a(edit.after))
-    elif kind == "colour":
-        i = next(k for k, (a, b) in enumerate(zip(src.objects, tgt.objects)) if a.colour != b.colour)
-        fields["obj"] = _refer(src, src.objects[i].name, src.objects[i].slot)
-        kind = "colour-natural" if edit.after == "natural" else kind
-    elif kind == "background":
+    if change.obj is not None:
+        named = f"{change.obj.name} on the {change.obj.slot}" if change.twin else change.obj.name
+        fields.update(before=named if edit.kind in ("object", "remove") else edit.before, obj=named,
+                      slot=change.obj.slot, slot_phrase=f"on the {change.obj.slot} side")
+        if edit.kind in ("object", "add"):
+            fields["after_a"] = _a(edit.after)
+    elif edit.kind == "background":
         fields.update(bg=_BG[edit.after], bg_word=f"the {edit.after}" if edit.after != "grass" else "grass")
-    elif kind == "time":
+    elif edit.kind == "time":
         fields.update(time=_TIME[edit.after][0], time_word=_TIME[edit.after][1])
-    elif kind == "style":
+    elif edit.kind == "style":
         fields.update(style=_STYLE[edit.after][0], style_alt=_STYLE[edit.after][1])
-    elif kind == "add":
-        slot = tgt.objects[-1].slot
-        fields.update(after_a=_a(edit.after), slot=slot, slot_phrase=f"on the {slot} side")
-    elif kind == "remove":
-        gone = next(o for o in src.objects if o not in tgt.objects)
-        fields["before"] = _refer(src, gone.name, gone.slot)
-    options = TEMPLATES[kind]
-    return options[int(rng.integers(len(options)))].format(**fields)
+    return _pick(TEMPLATES[change.kind], rng, **fields)
+
+
+# Russian instructions are imperative, as Russian editing prompts are written, with the object in
+# the accusative (замени кошку на собаку). A colour is said as "в красный цвет" (the masculine
+# form agrees with цвет), so no adjective needs another case.
+TEMPLATES_RU: dict[str, tuple[str, ...]] = {
+    "object": ("замени {before} на {after}", "преврати {before} в {after}"),
+    "colour": ("перекрась {obj} в {colour} цвет", "покрась {obj} в {colour} цвет"),
+    "colour-natural": ("перекрась {obj} в естественные цвета", "верни {obj} к естественным цветам"),
+    "background": ("перенеси сцену {direction}", "смени фон на {background}", "пусть все будет {place}"),
+    "time": ("пусть будет {time}", "смени время суток на {time}"),
+    "style": ("{style}",),
+    "add": ("добавь {after} {slot}", "нарисуй {after} {slot}"),
+    "remove": ("убери {before}", "удали {before}"),
+}
+_DIRECTION_RU = {"beach": "на пляж", "grass": "на траву", "snow": "на снег", "city": "в город", "sky": "в небо",
+                 "desert": "в пустыню"}
+_BACKGROUND_ACC_RU = {"beach": "пляж", "grass": "лужайку", "snow": "снежное поле", "city": "город", "sky": "небо",
+                      "desert": "пустыню"}
+_TIME_RU = {"day": "день", "sunset": "закат", "night": "ночь"}
+_STYLE_RU = {"photo": ("преврати в фотографию", "сделай фотографию"),
+             "sketch": ("преврати в набросок карандашом", "нарисуй карандашом"),
+             "pixel-art": ("преврати в пиксель-арт", "сделай в стиле пиксель-арт"),
+             "inverted": ("инвертируй цвета", "сделай негатив")}
+
+
+def instruction_ru(edit: Edit, rng: np.random.Generator) -> str:
+    change = change_of(edit)
+    fields: dict[str, str] = {}
+    if change.obj is not None:
+        named = OBJECTS_RU[change.obj.name].acc + (f" {SLOTS_RU[change.obj.slot]}" if change.twin else "")
+        fields.update(obj=named, before=named, slot=SLOTS_RU[change.obj.slot])
+        if edit.kind in ("object", "add"):
+            fields["after"] = OBJECTS_RU[edit.after].acc
+        if edit.kind == "colour" and edit.after != "natural":
+            fields["colour"] = COLOURS_RU[edit.after].m
+    elif edit.kind == "background":
+        fields.update(direction=_DIRECTION_RU[edit.after], background=_BACKGROUND_ACC_RU[edit.after],
+                      place=BACKGROUNDS_RU[edit.after].place)
+    elif edit.kind == "time":
+        fields["time"] = _TIME_RU[edit.after]
+    elif edit.kind == "style":
+        return _pick(_STYLE_RU[edit.after], rng)
+    return _pick(TEMPLATES_RU[change.kind], rng, **fields)
+
+
+# The writers of each caption language: the instruction and the caption of the edited scene.
+WRITERS: dict[Language, tuple[Callable[[Edit, np.random.Generator], str], Callable[[Scene, int], str]]] = {
+    "en": (instruction, caption), "ru": (instruction_ru, caption_ru),
+}
 
 
 class RulesEditor:
@@ -94,6 +164,10 @@ class RulesEditor:
         if c.scene is None or c.phrasing is None:
             return Rejected(c.id, c.text, "no scene",
                             "the rules backend edits EmojiWorld captions only; use the openai backend for free text")
+        try:
+            write_instruction, write_caption = WRITERS[detect_language(c.text)]
+        except LanguageError as err:
+            return Rejected(c.id, c.text, "language", str(err))
         scene = Scene.from_dict(c.scene)
         rng = item_rng(self.seed, "edit", c.id)
         # Kinds in a seeded order; a scene that cannot take one (adding a third object) takes the next.
@@ -103,7 +177,7 @@ class RulesEditor:
                 e = apply_edit(scene, kind, rng)
             except EditNotApplicable:
                 continue
-            return CaptionEdit(c.id, c.text, instruction(e, rng), caption(e.target, c.phrasing), e.kind,
+            return CaptionEdit(c.id, c.text, write_instruction(e, rng), write_caption(e.target, c.phrasing), e.kind,
                                {"source": e.source.to_dict(), "target": e.target.to_dict()})
         return Rejected(c.id, c.text, "no applicable edit", f"none of {list(kinds)} applies to this scene")
 

@@ -2,7 +2,8 @@
 pairs that differ the way the edit does and vary in everything else, so that in the mean text
 embedding of each side the shared context cancels and the edit's difference remains.
 
-Two backends, like the caption edits:
+Two backends, like the caption edits, both writing in the edit's language, English or Russian
+(Russian sentence sets steer pix2pix-zero on the multilingual model):
 - `rules` (offline): the EmojiWorld scene grammar. Each pair is the edit's own source and target
   scene moved into a random context: every attribute the edit leaves alone (background, time
   of day, style, and the objects when the edit is not about them) is redrawn, the same for
@@ -22,12 +23,13 @@ from typing import Callable
 
 import numpy as np
 
-from manip.world.captions import N_PHRASINGS, all_captions, caption
+from manip.multilingual.corpus import CAPTION_WRITERS
+from manip.multilingual.language import Language, LanguageError, detect_language
 from manip.world.edits import Edit
 from manip.world.sampling import sample_scene
 from manip.world.scene import Scene
 
-from .llm import ChatEndpoint, LLMError, LLMSettings, json_object
+from .llm import LANGUAGE_NAMES, ChatEndpoint, LLMError, LLMSettings, json_object
 from .records import CaptionError, check_caption
 
 SentenceSets = tuple[tuple[str, ...], tuple[str, ...]]
@@ -44,24 +46,27 @@ def recontext(edit: Edit, context: Scene) -> tuple[Scene, Scene]:
     return edit.source.with_(**changes), edit.target.with_(**changes)
 
 
-def rules_sentences(edit: Edit, n: int, seed: int) -> SentenceSets:
-    """`n` caption pairs of the edit in random contexts; the same (edit, n, seed) give the same
-    sentences."""
+def rules_sentences(edit: Edit, n: int, seed: int, language: Language = "en") -> SentenceSets:
+    """`n` caption pairs of the edit in random contexts, in `language`; the same (edit, n, seed)
+    give the same scenes in either language."""
     if n < 1:
         raise ValueError(f"need at least one sentence pair, got n={n}")
+    n_phrasings, write = CAPTION_WRITERS[language]
     rng = np.random.default_rng([seed, 11])
     src, tgt = [], []
     for _ in range(n):
         a, b = recontext(edit, sample_scene(rng, "train"))
-        phrasing = int(rng.integers(N_PHRASINGS))
-        src.append(caption(a, phrasing))
-        tgt.append(caption(b, phrasing))
+        phrasing = int(rng.integers(n_phrasings))
+        src.append(write(a, phrasing))
+        tgt.append(write(b, phrasing))
     return tuple(src), tuple(tgt)
 
 
-def scene_sentences(edit: Edit) -> SentenceSets:
-    """Every phrasing of the edit's own source and target captions."""
-    return tuple(all_captions(edit.source)), tuple(all_captions(edit.target))
+def scene_sentences(edit: Edit, language: Language = "en") -> SentenceSets:
+    """Every phrasing, in `language`, of the edit's own source and target captions."""
+    n_phrasings, write = CAPTION_WRITERS[language]
+    return tuple(write(edit.source, p) for p in range(n_phrasings)), \
+        tuple(write(edit.target, p) for p in range(n_phrasings))
 
 
 SYSTEM = (
@@ -77,10 +82,12 @@ def sentence_messages(user: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
-def describe(source: str, target: str, instruction: str | None, n: int) -> str:
+def describe(source: str, target: str, instruction: str | None, n: int, language: Language = "en") -> str:
     lines = [f"N: {n}", f"caption: {source}", f"edited caption: {target}"]
     if instruction:
         lines.append(f"instruction: {instruction}")
+    if language != "en":
+        lines.append(f"language: {LANGUAGE_NAMES[language]} (write every caption in {LANGUAGE_NAMES[language]})")
     return "\n".join(lines)
 
 
@@ -90,8 +97,16 @@ class ParsedPairs:
     dropped: tuple[str, ...]  # why each unusable pair was left out
 
 
-def parse_pairs(content: str | None, tokenizer=None) -> ParsedPairs:
-    """The usable pairs of an answer; raises ValueError when the answer is not the JSON asked for."""
+def _written_in(text: str, language: Language) -> bool:
+    try:
+        return detect_language(text) == language
+    except LanguageError:
+        return False
+
+
+def parse_pairs(content: str | None, tokenizer=None, language: Language = "en") -> ParsedPairs:
+    """The usable pairs of an answer, in `language`; raises ValueError when the answer is not
+    the JSON asked for."""
     obj = json_object(content)
     rows = obj.get("pairs")
     if not isinstance(rows, list):
@@ -108,6 +123,9 @@ def parse_pairs(content: str | None, tokenizer=None) -> ParsedPairs:
             continue
         if a.strip().lower() == b.strip().lower():
             dropped.append(f"pair {i}: source and target are the same caption")
+            continue
+        if not (_written_in(a, language) and _written_in(b, language)):
+            dropped.append(f"pair {i}: not written in {LANGUAGE_NAMES[language]}")
             continue
         pairs.append((a, b))
     return ParsedPairs(tuple(pairs), tuple(dropped))
@@ -126,11 +144,12 @@ class OpenAISentences:
     def __call__(self, source: str, target: str, instruction: str | None, n: int) -> SentenceSets:
         if n < 1:
             raise ValueError(f"need at least one sentence pair, got n={n}")
-        content, failure = self.endpoint.answer(describe(source, target, instruction, n))
+        language = detect_language(source)
+        content, failure = self.endpoint.answer(describe(source, target, instruction, n, language))
         if content is None:
             raise LLMError(f"sentence pairs for {source!r} -> {target!r}: {failure}")
         try:
-            parsed = parse_pairs(content, self.tokenizer)
+            parsed = parse_pairs(content, self.tokenizer, language)
         except ValueError as err:
             raise LLMError(f"sentence pairs for {source!r} -> {target!r}: unusable answer: {err}") from None
         self.dropped.extend(parsed.dropped)

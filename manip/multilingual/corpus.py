@@ -1,10 +1,20 @@
-"""A bilingual caption corpus over every split, reserved concepts and style included (the
-`multilingual` stage trains its tokenizer on the train split alone)."""
+"""EmojiWorld captions in both languages: how each language writes a scene, and a bilingual
+corpus over every split, reserved concepts and style included (the `multilingual` stage trains
+its tokenizer on the train split alone)."""
 from __future__ import annotations
 
-from manip.world import SPLITS, all_captions, sample_scene, scene_rng
+from collections.abc import Callable
 
-from .russian import all_captions_ru
+from manip.world import SPLITS, Scene, all_captions, sample_scene, scene_rng
+from manip.world.captions import N_PHRASINGS, caption
+
+from .language import Language
+from .russian import N_PHRASINGS_RU, all_captions_ru, caption_ru
+
+# Per caption language: its number of phrasings and the function writing phrasing k of a scene.
+CAPTION_WRITERS: dict[Language, tuple[int, Callable[[Scene, int], str]]] = {
+    "en": (N_PHRASINGS, caption), "ru": (N_PHRASINGS_RU, caption_ru),
+}
 
 
 def bilingual_captions(seed: int, n_per_split: int) -> list[str]:

@@ -5,7 +5,9 @@ Rules:
 - Only letters count. Digits, punctuation, emoji and modifier letters belong to no language.
 - A token in angle brackets (`<teapot>`, `<sks>`) is a placeholder for a learnt concept, the way
   textual inversion writes one; it belongs to no language and may appear in a prompt of either.
-  A bare `sks` is a Latin word, so it makes a Russian prompt mixed.
+  So does any word the caller names as a placeholder: the rare-token identifier a DreamBooth or
+  UniTune model was tuned on (`sks чайник` is a Russian prompt for that model). Elsewhere a bare
+  `sks` is a Latin word, and it makes a Russian prompt mixed.
 - A prompt with no letters outside placeholders (`<teapot>`, `42`) is English, the base
   model's language: there is nothing to translate.
 - Empty prompts, prompts mixing Latin and Cyrillic, and letters of any other script are errors
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Collection
 from typing import Literal
 
 Language = Literal["en", "ru"]
@@ -22,6 +25,7 @@ Language = Literal["en", "ru"]
 SCRIPT_LANGUAGES: dict[str, Language] = {"LATIN": "en", "CYRILLIC": "ru"}
 DEFAULT_LANGUAGE: Language = "en"
 PLACEHOLDER = re.compile(r"<[^<>\s]+>")
+PLACEHOLDER_WORD = "<concept>"  # stands in for a learnt concept's phrase when a template's language is told
 _EDGE_PUNCTUATION = re.compile(r"^\W+|\W+$")
 
 
@@ -42,13 +46,16 @@ def _is_script_letter(char: str) -> bool:
     return category.startswith("L") and category != "Lm"
 
 
-def _words_by_script(prompt: str) -> dict[str, list[str]]:
+def _words_by_script(prompt: str, placeholders: Collection[str]) -> dict[str, list[str]]:
     """Whitespace-separated words keyed by the script of their letters. NFKC folds full-width
     and other compatibility forms (ａ -> a) so they count as the script they look like."""
     by_script: dict[str, list[str]] = {}
+    ignored = {p.lower() for p in placeholders}
     for chunk in PLACEHOLDER.sub(" ", unicodedata.normalize("NFKC", prompt)).split():
         scripts = sorted({letter_script(c) for c in chunk if _is_script_letter(c)})
         word = _EDGE_PUNCTUATION.sub("", chunk) or chunk
+        if word.lower() in ignored:
+            continue
         if len(scripts) > 1:
             raise LanguageError(
                 f"the word {word!r} mixes {' and '.join(scripts)} letters (a look-alike letter "
@@ -59,10 +66,11 @@ def _words_by_script(prompt: str) -> dict[str, list[str]]:
     return by_script
 
 
-def detect_language(prompt: str) -> Language:
+def detect_language(prompt: str, placeholders: Collection[str] = ()) -> Language:
+    """`placeholders`: words that name a learnt concept in any language (see the rules above)."""
     if not prompt.strip():
         raise LanguageError("the prompt is empty")
-    by_script = _words_by_script(prompt)
+    by_script = _words_by_script(prompt, placeholders)
     unsupported = {s: w for s, w in by_script.items() if s not in SCRIPT_LANGUAGES}
     if unsupported:
         found = "; ".join(f"{script}: {words}" for script, words in sorted(unsupported.items()))

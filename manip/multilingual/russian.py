@@ -4,8 +4,9 @@ Russian adjectives agree with their noun in gender and number, so the vocabulary
 nouns with their gender and of adjectives with all four nominative forms, written out by hand
 rather than derived from endings (синий/синяя is soft, ночной is stressed: rules would need
 exceptions for a table this small). Every phrasing keeps nouns in the nominative, the way
-Russian image prompts are written ("красная кошка слева на пляже ночью"), so no noun needs
-declension tables.
+Russian image prompts are written ("красная кошка слева на пляже ночью"). Edit instructions
+("замени кошку на собаку") need the accusative, which differs from the nominative only for
+feminine nouns in -а/-я and animate masculine ones; the table gives it where it differs.
 
 Captions write е for ё (зеленый, желтый, днем, самолет): that is correct Russian spelling, it is
 how the emoji package's Russian names and most typed text spell them, and ё and е are different
@@ -23,6 +24,11 @@ Gender = Literal["m", "f", "n", "pl"]
 class Noun(NamedTuple):
     word: str
     gender: Gender
+    accusative: str | None = None  # where it is not the nominative
+
+    @property
+    def acc(self) -> str:
+        return self.accusative or self.word
 
 
 class Adjective(NamedTuple):
@@ -51,23 +57,25 @@ class TimeOfDay(NamedTuple):
 # English caption word -> Russian noun. Names come from the emoji package's Russian (CLDR)
 # annotations unless `NOT_FROM_EMOJI` says why not.
 OBJECTS_RU: dict[str, Noun] = {
-    "cat": Noun("кошка", "f"), "dog": Noun("собака", "f"), "rabbit": Noun("кролик", "m"),
-    "cow": Noun("корова", "f"), "pig": Noun("свинья", "f"), "horse": Noun("лошадь", "f"),
-    "sheep": Noun("овца", "f"), "monkey": Noun("обезьяна", "f"), "chicken": Noun("курица", "f"),
-    "frog": Noun("лягушка", "f"), "turtle": Noun("черепаха", "f"), "fish": Noun("рыба", "f"),
-    "octopus": Noun("осьминог", "m"), "snail": Noun("улитка", "f"), "butterfly": Noun("бабочка", "f"),
-    "bee": Noun("пчела", "f"), "crab": Noun("краб", "m"), "elephant": Noun("слон", "m"),
-    "owl": Noun("сова", "f"), "whale": Noun("кит", "m"), "apple": Noun("яблоко", "n"),
+    "cat": Noun("кошка", "f", "кошку"), "dog": Noun("собака", "f", "собаку"),
+    "rabbit": Noun("кролик", "m", "кролика"), "cow": Noun("корова", "f", "корову"),
+    "pig": Noun("свинья", "f", "свинью"), "horse": Noun("лошадь", "f"), "sheep": Noun("овца", "f", "овцу"),
+    "monkey": Noun("обезьяна", "f", "обезьяну"), "chicken": Noun("курица", "f", "курицу"),
+    "frog": Noun("лягушка", "f", "лягушку"), "turtle": Noun("черепаха", "f", "черепаху"),
+    "fish": Noun("рыба", "f", "рыбу"), "octopus": Noun("осьминог", "m", "осьминога"),
+    "snail": Noun("улитка", "f", "улитку"), "butterfly": Noun("бабочка", "f", "бабочку"),
+    "bee": Noun("пчела", "f", "пчелу"), "crab": Noun("краб", "m", "краба"), "elephant": Noun("слон", "m", "слона"),
+    "owl": Noun("сова", "f", "сову"), "whale": Noun("кит", "m", "кита"), "apple": Noun("яблоко", "n"),
     "banana": Noun("банан", "m"), "grapes": Noun("виноград", "m"), "watermelon": Noun("арбуз", "m"),
-    "strawberry": Noun("клубника", "f"), "pineapple": Noun("ананас", "m"), "carrot": Noun("морковь", "f"),
-    "pizza": Noun("пицца", "f"), "burger": Noun("гамбургер", "m"), "donut": Noun("пончик", "m"),
-    "car": Noun("машина", "f"), "bicycle": Noun("велосипед", "m"), "rocket": Noun("ракета", "f"),
-    "airplane": Noun("самолет", "m"), "sailboat": Noun("парусник", "m"), "umbrella": Noun("зонт", "m"),
-    "guitar": Noun("гитара", "f"), "house": Noun("дом", "m"), "tree": Noun("дерево", "n"),
-    "mushroom": Noun("гриб", "m"), "sunflower": Noun("подсолнух", "m"), "key": Noun("ключ", "m"),
-    "balloon": Noun("воздушный шарик", "m"), "crown": Noun("корона", "f"),
-    "teapot": Noun("чайник", "m"), "robot": Noun("робот", "m"), "cactus": Noun("кактус", "m"),
-    "penguin": Noun("пингвин", "m"),
+    "strawberry": Noun("клубника", "f", "клубнику"), "pineapple": Noun("ананас", "m"),
+    "carrot": Noun("морковь", "f"), "pizza": Noun("пицца", "f", "пиццу"), "burger": Noun("гамбургер", "m"),
+    "donut": Noun("пончик", "m"), "car": Noun("машина", "f", "машину"), "bicycle": Noun("велосипед", "m"),
+    "rocket": Noun("ракета", "f", "ракету"), "airplane": Noun("самолет", "m"), "sailboat": Noun("парусник", "m"),
+    "umbrella": Noun("зонт", "m"), "guitar": Noun("гитара", "f", "гитару"), "house": Noun("дом", "m"),
+    "tree": Noun("дерево", "n"), "mushroom": Noun("гриб", "m"), "sunflower": Noun("подсолнух", "m"),
+    "key": Noun("ключ", "m"), "balloon": Noun("воздушный шарик", "m"), "crown": Noun("корона", "f", "корону"),
+    "teapot": Noun("чайник", "m"), "robot": Noun("робот", "m", "робота"), "cactus": Noun("кактус", "m"),
+    "penguin": Noun("пингвин", "m", "пингвина"),
 }
 
 # Where the emoji's Russian name is not the plain name of the object class.

@@ -32,7 +32,8 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from manip.sampling import check_prompts, decode, encode_prompts
+from manip.prompts import read_prompts
+from manip.sampling import decode, encode_prompts
 from manip.training.checkpoint import atomic_write
 from manip.training.images import batch_rng
 from manip.training.loop import LoopConfig, train
@@ -71,13 +72,16 @@ class EditOutput:
 
 def prepare_request(pipe: StableDiffusionPipeline, image, source: str, target: str, **kw) -> tuple[EditRequest, list[str]]:
     """An `EditRequest` from any image input `load_image` takes, with its notes (e.g. a resize);
-    empty or over-long prompts are refused here, before any work."""
+    prompts `read_prompts` refuses are refused here, before any work, and the others are kept in
+    the spelling the model reads."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     arr, notes = load_image(image, size)
     prompts = [source, target, *([kw["instruction"]] if kw.get("instruction") else [])]
     if any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ValueError("source, target and instruction prompts must be non-empty strings")
-    check_prompts(pipe.tokenizer, prompts)
+    source, target, *instruction = read_prompts(pipe.tokenizer, prompts)
+    if instruction:
+        kw["instruction"] = instruction[0]
     return EditRequest(arr, source, target, **kw), notes
 
 
@@ -192,6 +196,11 @@ class SingleImageEditor(ABC):
     def prompts(self, request: EditRequest) -> list[str]:
         return [request.source, request.target]
 
+    def placeholders(self) -> set[str]:
+        """Words the method adds to prompts that name what it learnt (a rare-token identifier):
+        they belong to no language, so a Russian prompt may carry them."""
+        return set()
+
     def edit(self, request: EditRequest) -> EditOutput:
         return self._edit(self.start(request))
 
@@ -206,7 +215,7 @@ class SingleImageEditor(ABC):
         prompts = self.prompts(request)
         if any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError(f"{self.name}: every prompt must be a non-empty string, got {prompts}")
-        check_prompts(self.pipe.tokenizer, prompts)
+        read_prompts(self.pipe.tokenizer, prompts, self.placeholders())
         return _Run(self, request)
 
     @abstractmethod
@@ -218,7 +227,7 @@ class SingleImageEditor(ABC):
         return encode_image(self.pipe, image)
 
     def text(self, prompts: Sequence[str]) -> torch.Tensor:
-        return encode_prompts(self.pipe, list(prompts)).clone()
+        return encode_prompts(self.pipe, list(prompts), self.placeholders()).clone()
 
     def noise(self, seed: int, side: int | None = None) -> torch.Tensor:
         """x_T (latent side `side`, default the model's) from a CPU generator, so a seed gives the

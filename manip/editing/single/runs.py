@@ -24,9 +24,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from manip.multilingual.corpus import CAPTION_WRITERS
+from manip.multilingual.language import Language
 from manip.runtime import PeakMemory
 from manip.training.checkpoint import atomic_write
-from manip.world.captions import caption
 from manip.world.edits import Edit, render_edit
 
 from ..benchmark import (KINDS, METRICS, EditCase, _clean, _resize, fingerprint, module_digest, read_shard,
@@ -48,6 +49,7 @@ class MethodRun:
     method: str
     settings: dict[str, Any] = field(default_factory=dict)
     model: str = "base"  # which of the runner's pipelines it edits with
+    language: Language = "en"  # the language of its prompts: captions, instructions, sentence sets
 
     def config(self):
         return make_config(self.method, self.settings)
@@ -59,14 +61,17 @@ def case_seed(seed: int, case: EditCase) -> int:
 
 
 class MethodRuns:
-    """`pipes` maps a run's `model` name to its pipeline; `instruction(edit, case)` phrases an
-    edit as an instruction for the instruction-following methods; `sentences(edit, case)` gives
-    the sentence sets of the methods that take them (pix2pix-zero); `second_edit(case)` is
-    another edit of the case's scene, for the reuse measurement."""
+    """`pipes` maps a run's `model` name to its pipeline; `instruction(edit, case, language)`
+    phrases an edit as an instruction for the instruction-following methods;
+    `sentences(edit, case, language)` gives the sentence sets of the methods that take them
+    (pix2pix-zero); `second_edit(case)` is another edit of the case's scene, for the reuse
+    measurement. A run's prompts are in its language; scores read the English ground truth, so
+    runs in either language are measured alike."""
 
     def __init__(self, pipes: dict[str, Any], renderer, scorer, judge, runs: Sequence[MethodRun], work_dir: str | Path,
-                 seed: int, instruction: Callable[[Edit, EditCase], str], second_edit: Callable[[EditCase], Edit],
-                 sentences: Callable[[Edit, EditCase], SentenceSets] | None, reuse_cases: int = 2):
+                 seed: int, instruction: Callable[[Edit, EditCase, Language], str],
+                 second_edit: Callable[[EditCase], Edit],
+                 sentences: Callable[[Edit, EditCase, Language], SentenceSets] | None, reuse_cases: int = 2):
         labels = [r.label for r in runs]
         if len(set(labels)) != len(labels):
             raise ValueError(f"run labels must be distinct, got {labels}")
@@ -94,18 +99,22 @@ class MethodRuns:
         settings = {"method": run.method, "version": EDITORS[run.method].version,
                     "config": asdict(self.configs[label]), "model": run.model, "seed": self.seed,
                     "reuse": case.case_id in self._reused}
+        if run.language != "en":
+            settings["language"] = run.language
         if EDITORS[run.method].uses_sentences:
-            settings["sentences"] = self.sentences(case.edit, case)
+            settings["sentences"] = self.sentences(case.edit, case, run.language)
         return fingerprint(case, label, settings, {"model": self.model_ids[run.model], **self.scoring})
 
     def request(self, label: str, case: EditCase, source: np.ndarray, edit: Edit | None = None) -> EditRequest:
         """Run `label`'s request for the case's edit, or for `edit` (another edit of the same
         scene) of the same source image."""
         edit = edit or case.edit
-        uses_sentences = EDITORS[self.runs[label].method].uses_sentences
-        return EditRequest(image=source, source=caption(edit.source, 0), target=caption(edit.target, 0),
-                           instruction=self.instruction(edit, case),
-                           sentences=self.sentences(edit, case) if uses_sentences else None,
+        run = self.runs[label]
+        write = CAPTION_WRITERS[run.language][1]
+        uses_sentences = EDITORS[run.method].uses_sentences
+        return EditRequest(image=source, source=write(edit.source, 0), target=write(edit.target, 0),
+                           instruction=self.instruction(edit, case, run.language),
+                           sentences=self.sentences(edit, case, run.language) if uses_sentences else None,
                            seed=case_seed(self.seed, case))
 
     def _compute(self, case: EditCase, label: str) -> tuple[dict, bytes]:

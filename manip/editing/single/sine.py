@@ -66,6 +66,9 @@ class SINE(SingleImageEditor):
     Config = SINEConfig
     config: SINEConfig
 
+    def placeholders(self) -> set[str]:
+        return {self.config.token}
+
     def prompts(self, request: EditRequest) -> list[str]:
         return [f"{self.config.token} {request.source}", request.target]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from .base import (EditOutput, EditRequest, SingleImageEditor, TuneConfig, _Run, cfg_predictor, ddim_sample, finetune,
                    mix, schedule, tuned_unet)
@@ -40,6 +39,9 @@ class UniTune(SingleImageEditor):
     version = 2
     Config = UniTuneConfig
     config: UniTuneConfig
+
+    def placeholders(self) -> set[str]:
+        return {self.config.token}
 
     def prompts(self, request: EditRequest) -> list[str]:
         return [f"{self.config.token} {request.target}"]
