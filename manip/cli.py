@@ -200,6 +200,7 @@ def run_generate(args: argparse.Namespace) -> dict:
     from PIL import Image
     from transformers import AutoTokenizer
 
+    from manip.customize.base import concept_words
     from manip.prompts import read_prompts
     from manip.runtime import device, set_threads
     from manip.sampling import generate
@@ -210,11 +211,12 @@ def run_generate(args: argparse.Namespace) -> dict:
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
-    prompts = read_prompts(AutoTokenizer.from_pretrained(model / "tokenizer"), args.prompt)
+    words = concept_words(model)  # a DreamBooth folder's identifier may stand in a Russian prompt
+    prompts = read_prompts(AutoTokenizer.from_pretrained(model / "tokenizer"), args.prompt, words)
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     pipe.to(device())
     images = generate(pipe, prompts, [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))],
-                      steps=args.steps, guidance_scale=args.guidance)
+                      steps=args.steps, guidance_scale=args.guidance, placeholders=words)
     out = Path(args.out)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
                                             for i in range(1, len(images) + 1)]
@@ -296,13 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     from manip.editing.inversion import InversionMismatch
     from manip.editing.tokens import AlignmentError
     from manip.ip2p.llm import LLMError
-    from manip.multilingual.language import LanguageError
     from manip.prompts import PromptError
 
     try:
         print(json.dumps(run(args), indent=1))
-    except (ImageInputError, InversionMismatch, AlignmentError, PromptError, LanguageError, LLMError,
-            FileNotFoundError, ValueError) as err:
+    except (ImageInputError, InversionMismatch, AlignmentError, PromptError, LLMError, FileNotFoundError,
+            ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -17,8 +17,11 @@ from collections.abc import Collection, Sequence
 from manip.multilingual.language import LanguageError, detect_language
 from manip.multilingual.russian import fold_yo
 
-# A tokenizer that learnt Russian reads a caption word as one or two pieces; one that did not
-# (CLIP's English BPE) falls back to bytes, five or more pieces a word.
+# Whether a tokenizer learnt Russian is told on a reference caption, not on the prompt: a word the
+# tokenizer never saw whole splits into several pieces on any tokenizer. One that learnt Russian
+# reads each word of the reference as one or two pieces; one that did not (CLIP's English BPE)
+# falls back to bytes, five or more pieces a word.
+RUSSIAN_REFERENCE = "красная кошка слева на пляже ночью"
 MAX_PIECES_PER_WORD = 3
 
 
@@ -32,14 +35,14 @@ def learnt_tokens(tokenizer) -> set[str]:
     return set(tokenizer.get_added_vocab()) - set(tokenizer.all_special_tokens)
 
 
-def _check_reads_russian(tokenizer, prompt: str) -> None:
-    words = len(prompt.split())
-    pieces = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+def _check_reads_russian(tokenizer) -> None:
+    words = len(RUSSIAN_REFERENCE.split())
+    pieces = len(tokenizer(RUSSIAN_REFERENCE, add_special_tokens=False).input_ids)
     if pieces > MAX_PIECES_PER_WORD * words:
         where = f" (tokenizer {tokenizer.name_or_path})" if tokenizer.name_or_path else ""
         raise LanguageError(
-            f"it is Russian, but this model{where} does not read Russian: its tokenizer splits the prompt's "
-            f"{words} words into {pieces} byte pieces; use a multilingual model such as models/multilingual")
+            f"it is Russian, but this model{where} does not read Russian: its tokenizer splits a {words}-word "
+            f"Russian caption into {pieces} byte pieces; use a multilingual model such as models/multilingual")
 
 
 def read_prompts(tokenizer, prompts: Sequence[str], placeholders: Collection[str] = ()) -> list[str]:
@@ -56,7 +59,7 @@ def read_prompts(tokenizer, prompts: Sequence[str], placeholders: Collection[str
         text = fold_yo(prompt)
         try:
             if text.strip() and detect_language(text, known) == "ru":
-                _check_reads_russian(tokenizer, text)
+                _check_reads_russian(tokenizer)
         except LanguageError as err:
             raise LanguageError(f"prompt {number} ({prompt[:80]!r}): {err}") from None
         n = len(tokenizer(text).input_ids)

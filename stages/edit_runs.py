@@ -2,7 +2,8 @@
 the baselines (Prompt-to-Prompt through an inversion, InstructPix2Pix) on the same
 EmojiWorld-Edit cases: the first `n_cases` of the edit benchmark's list, the same for all.
 
-Inputs: models/base, models/ip2p (when a run edits with it), models/clip, models/judge,
+Inputs: models/base, models/ip2p and models/multilingual (when a run edits with them; a run's
+`language: ru` writes its captions, instructions and sentence sets in Russian), models/clip, models/judge,
 data/world/test and the emoji artwork. Outputs: metrics/edit_runs.json (means per run overall
 and per edit type, seconds per reusable part and per edit, peak memory, bytes stored per image,
 the speed-up of a second edit of the same image), plots/edit_runs_cases.csv (one row per run x
@@ -25,41 +26,48 @@ from ._runner import StageInputError, main
 from .common import require
 from .params import Params, load_params
 
-MODELS = {"base": Path("models/base"), "ip2p": Path("models/ip2p")}
+MODELS = {"base": Path("models/base"), "ip2p": Path("models/ip2p"), "multilingual": Path("models/multilingual")}
 CLIP, JUDGE = Path("models/clip"), Path("models/judge")
 TEST = Path("data/world/test")
 WORK = Path("data/edit_runs")
 METRICS = Path("metrics/edit_runs.json")
 CASES_CSV = Path("plots/edit_runs_cases.csv")
 GRIDS = Path("plots/edit_runs")
-STAGE_OF = {"base": "unet", "ip2p": "ip2p_finetune"}
+STAGE_OF = {"base": "unet", "ip2p": "ip2p_finetune", "multilingual": "multilingual"}
 
 
-def sentence_sets(params: Params, phrase):
-    """pix2pix-zero's sentence sets per (edit, case): from the scene grammar, or from an LLM."""
+def sentence_sets(params: Params, phrase, models: dict[str, str]):
+    """pix2pix-zero's sentence sets per (edit, case, language): from the scene grammar, or from
+    an LLM, whose answers must fit the tokenizer of the model that reads that language
+    (`models`: language -> model name)."""
     from manip.ip2p.sentences import OpenAISentences, rules_sentences, scene_sentences
-    from manip.world.captions import caption
+    from manip.multilingual.corpus import CAPTION_WRITERS
 
     s = params.edit_runs.sentences
     if s.backend == "rules" and s.contexts == "scene":
-        return lambda edit, case: scene_sentences(edit)
+        return lambda edit, case, language: scene_sentences(edit, language)
     if s.backend == "rules":
-        def rules(edit, case):
-            return rules_sentences(edit, s.n, int(np.random.default_rng([params.seed, 10, case.index]).integers(2**31)))
+        def rules(edit, case, language):
+            seed = int(np.random.default_rng([params.seed, 10, case.index]).integers(2**31))
+            return rules_sentences(edit, s.n, seed, language)
 
         return rules
+    from transformers import CLIPTokenizer
+
     from manip.ip2p.llm import LLMError
 
-    from .ip2p_edits import base_tokenizer, llm_settings
+    from .ip2p_edits import llm_settings
 
     try:
-        llm = OpenAISentences(llm_settings(s.openai), s.openai.cache_dir, base_tokenizer())
+        llms = {language: OpenAISentences(llm_settings(s.openai), s.openai.cache_dir, CLIPTokenizer.from_pretrained(
+                    require(MODELS[model] / "tokenizer", STAGE_OF[model]))) for language, model in models.items()}
     except LLMError as err:
         raise StageInputError(str(err)) from None
 
-    def ask(edit, case):
+    def ask(edit, case, language):
+        write = CAPTION_WRITERS[language][1]
         try:
-            return llm(caption(edit.source, 0), caption(edit.target, 0), phrase(edit, case), s.n)
+            return llms[language](write(edit.source, 0), write(edit.target, 0), phrase(edit, case, language), s.n)
         except LLMError as err:
             raise StageInputError(f"case {case.case_id}: {err}") from None
 
@@ -71,18 +79,23 @@ def run(params: Params, progress: bool = True) -> dict:
     set_threads()
     from manip.editing.single import EDITORS
     from manip.editing.single.runs import MethodRun
-    from manip.ip2p.rules import instruction
+    from manip.ip2p.rules import INSTRUCTION_WRITERS
 
     # Settings are checked against each method's config before any model loads.
-    runs = [MethodRun(label, r.method, r.settings, r.model) for label, r in p.runs.items()]
+    runs = [MethodRun(label, r.method, r.settings, r.model, r.language) for label, r in p.runs.items()]
     for r in runs:
         r.config()
 
-    def phrase(edit, case) -> str:
-        return instruction(edit, np.random.default_rng([params.seed, 8, case.index, edit.kind == case.kind]))
+    def phrase(edit, case, language) -> str:
+        rng = np.random.default_rng([params.seed, 8, case.index, edit.kind == case.kind])
+        return INSTRUCTION_WRITERS[language](edit, rng)
 
     # The sentence source (an LLM's key and endpoint) is checked before any model loads too.
-    sentences = sentence_sets(params, phrase) if any(EDITORS[r.method].uses_sentences for r in runs) else None
+    readers: dict[str, str] = {}  # language -> the model of its first run that reads sentence sets
+    for r in runs:
+        if EDITORS[r.method].uses_sentences:
+            readers.setdefault(r.language, r.model)
+    sentences = sentence_sets(params, phrase, readers) if readers else None
 
     from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
 
@@ -94,7 +107,8 @@ def run(params: Params, progress: bool = True) -> dict:
     from manip.world.dataset import load_split
     from manip.world.edits import EditNotApplicable, apply_edit
 
-    loaders = {"base": StableDiffusionPipeline, "ip2p": StableDiffusionInstructPix2PixPipeline}
+    loaders = {"base": StableDiffusionPipeline, "ip2p": StableDiffusionInstructPix2PixPipeline,
+               "multilingual": StableDiffusionPipeline}
     pipes = {}
     for name in dict.fromkeys(r.model for r in runs):
         require(MODELS[name] / "model_index.json", STAGE_OF[name])
@@ -127,7 +141,8 @@ def run(params: Params, progress: bool = True) -> dict:
         "complete": remaining == 0, "n_cases": len(cases),
         "n_cases_by_kind": {k: sum(c.kind == k for c in cases) for k in KINDS},
         "shards": {"done": len(records), "remaining": remaining},
-        "runs": {label: {"method": r.method, "model": r.model, "settings": r.settings} for label, r in p.runs.items()},
+        "runs": {label: {"method": r.method, "model": r.model, "language": r.language, "settings": r.settings}
+                 for label, r in p.runs.items()},
         "sentences": p.sentences.model_dump(include={"backend", "contexts", "n"}) if sentences else None,
         "grid_columns": ["input", "ground truth", *labels],
         "results": aggregate(records, labels, metrics=RUN_METRICS),

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from manip.metrics.clip_scores import ClipScorer
-from manip.metrics.judge import AttributeJudge, attribute_hits, embeddings, predict
+from manip.metrics.judge import AttributeJudge, attribute_hits, embeddings, objects_in_place, predict
 from manip.metrics.kid import kid
 from manip.sampling import generate
 from manip.runtime import device, set_threads
@@ -45,8 +45,12 @@ def generator(seed: int, caption: int, sample: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.default_rng([seed, caption, sample]).integers(2**62)))
 
 
-def accuracy_table(judge: AttributeJudge, images: np.ndarray, scenes) -> dict[str, float]:
-    hits = attribute_hits(predict(judge, images), scenes)
+def accuracy_table(pred: dict[str, np.ndarray], scenes) -> dict[str, float]:
+    """The judge's predictions scored per attribute, and `core`: the foundation's four
+    attributes (object, position, background, time of day) all right, every object in its own
+    slot; `all` adds colour and style."""
+    hits = attribute_hits(pred, scenes)
+    hits["core"] = objects_in_place(pred, scenes) & hits["background"] & hits["time"]
     return {k: round(float(v.mean()), 4) for k, v in hits.items()}
 
 
@@ -94,9 +98,9 @@ def run(params: Params) -> dict:
     metrics = {
         "n_captions": n, "images_per_caption": e.images_per_caption, "steps": e.steps,
         "guidance_scale": e.guidance_scale,
-        "generated": accuracy_table(judge, gen, gen_scenes),
-        "real": accuracy_table(judge, real, scenes),
-        "vae_reconstruction": accuracy_table(judge, recon, scenes),
+        "generated": accuracy_table(predict(judge, gen), gen_scenes),
+        "real": accuracy_table(predict(judge, real), scenes),
+        "vae_reconstruction": accuracy_table(predict(judge, recon), scenes),
         "clip_t": {"generated": round(clip_t_gen, 4), "real": round(clip_t_real, 4),
                    "ratio": round(clip_t_gen / clip_t_real, 4)},
         "kid": {"judge_features": kid_pair(lambda x: embeddings(judge, x), gen, other_real, real),

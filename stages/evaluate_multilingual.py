@@ -26,9 +26,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from manip.metrics.clip_scores import ClipScorer
-from manip.metrics.judge import AttributeJudge
+from manip.metrics.judge import AttributeJudge, predict
 from manip.multilingual import caption_ru
-from manip.multilingual.prompts import prepare_prompts
 from manip.runtime import device, set_threads
 from manip.sampling import generate
 from manip.training.checkpoint import atomic_write
@@ -79,8 +78,7 @@ def run(params: Params) -> dict:
     test = load_split(require(Path("data/world/test"), "world"))
     n = min(e.n_scenes, len(test))
     scenes = test.scenes[:n]
-    prompts = {"en": prepare_prompts([c[0] for c in test.captions[:n]]),
-               "ru": prepare_prompts([caption_ru(scene) for scene in scenes])}
+    prompts = {"en": [c[0] for c in test.captions[:n]], "ru": [caption_ru(scene) for scene in scenes]}
     pipes = {}
     for path, stage in ((BASE, "unet"), (MULTILINGUAL, "multilingual")):
         pipes[path] = StableDiffusionPipeline.from_pretrained(require(path / "model_index.json", stage).parent,
@@ -96,7 +94,7 @@ def run(params: Params) -> dict:
               for name, (model, language) in CONDITIONS.items()}
     seconds = time.perf_counter() - started
     job_scenes, job_english = [scenes[c] for c, _ in jobs], [prompts["en"][c] for c, _ in jobs]
-    scores = {name: {**accuracy_table(judge, gen, job_scenes),
+    scores = {name: {**accuracy_table(predict(judge, gen), job_scenes),
                      "clip_t": round(float(scorer.clip_t(gen, job_english).mean()), 4)}
               for name, gen in images.items()}
 

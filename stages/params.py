@@ -281,14 +281,18 @@ EditorName = Literal["imagic", "unitune", "sine", "pix2pix-zero", "p2p", "instru
 
 class EditRunParams(Strict):
     method: EditorName
-    model: Literal["base", "ip2p"] = "base"  # models/base or the InstructPix2Pix model in models/ip2p
+    # models/base, the InstructPix2Pix model in models/ip2p, or the bilingual models/multilingual
+    model: Literal["base", "ip2p", "multilingual"] = "base"
+    language: Literal["en", "ru"] = "en"  # of the run's captions, instructions and sentence sets
     settings: dict = {}  # the method's config fields; checked against them when the stage starts
 
     @model_validator(mode="after")
     def _model_fits_method(self) -> "EditRunParams":
-        wanted = "ip2p" if self.method == "instruct-pix2pix" else "base"
-        if self.model != wanted:
-            raise ValueError(f"{self.method} edits with model {wanted!r}, not {self.model!r}")
+        wanted = ("ip2p",) if self.method == "instruct-pix2pix" else ("base", "multilingual")
+        if self.model not in wanted:
+            raise ValueError(f"{self.method} edits with model {' or '.join(map(repr, wanted))}, not {self.model!r}")
+        if self.language == "ru" and self.model != "multilingual":
+            raise ValueError(f"Russian prompts need the multilingual model; model {self.model!r} reads English only")
         return self
 
 

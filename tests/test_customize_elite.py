@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
-from tiny_pipeline import tiny_pipeline
+from tiny_pipeline import saved_tiny_multilingual, tiny_pipeline
 
 from manip.customize import Concept, ConceptError, PriorSet, load_customizer
 from manip.customize import elite
@@ -160,6 +161,10 @@ def test_bad_input_is_refused_with_the_reason(encoder_dir, tmp_path):
         Elite(tiny(), EliteConfig()).fit([concept()], tmp_path)
     with pytest.raises(ValueError, match="trained for another pipeline"):
         Elite(tiny_pipeline(image_size=32), config).fit([concept(size=32)], tmp_path)
+    # Same shapes, another embedding space: the multilingual student's words are not CLIP's.
+    bilingual = StableDiffusionPipeline.from_pretrained(saved_tiny_multilingual(tmp_path / "models"))
+    with pytest.raises(ValueError, match="text_encoder: encoder CLIPTextModel, pipeline BertModel"):
+        Elite(bilingual, config).fit([concept()], tmp_path / "bilingual")
     with pytest.raises(ValueError, match="prior set has no use"):
         Elite(tiny(), config).fit([concept()], tmp_path, prior=PriorSet(concept().images, ["a crown"]))
     images = concept(n=2).images

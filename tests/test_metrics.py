@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from manip.metrics.judge import EMPTY, AttributeJudge, attribute_hits, judge_loss, predict, scene_targets
+from manip.metrics.judge import EMPTY, AttributeJudge, attribute_hits, judge_loss, objects_in_place, predict, scene_targets
 from manip.metrics.kid import kid
 from manip.training.images import psnr, to_tensor
 from manip.world import Placed, Scene, sample_scene, scene_rng
@@ -74,6 +74,12 @@ def test_each_wrong_attribute_is_caught():
     assert hits["object"].tolist() == [True, True, True, True]
     assert hits["colour"].tolist() == [True, True, True, False]
     assert hits["all"].tolist() == [False, False, True, False]
+    assert objects_in_place(pred, SCENES).tolist() == [True, False, True, True]
+    # The foundation's four attributes leave colour out: the green rocket drawn natural counts.
+    from stages.evaluate_base import accuracy_table
+
+    table = accuracy_table(pred, SCENES)
+    assert table["core"] == 0.5 and table["all"] == 0.25
 
     moved = perfect_predictions(SCENES)
     moved["slot_object"][2] = np.roll(moved["slot_object"][2], 1)  # the single object drawn in another slot

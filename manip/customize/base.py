@@ -188,14 +188,15 @@ class Customizer(ABC):
         self.pipe.vae.requires_grad_(False)
         self.pipe.text_encoder.requires_grad_(False)
         self.pipe.unet.requires_grad_(False)
-        self._instance = encode_images(self.pipe, np.concatenate([c.images for c in concepts]),
-                                       self.read([self.prompt(c, t) for c in concepts for t in c.templates]))
+        captions = self.read([self.prompt(c, t) for c in concepts for t in c.templates])
+        self._instance = encode_images(self.pipe, np.concatenate([c.images for c in concepts]), captions)
         self._regular = encode_images(self.pipe, prior.images, prior.captions) if prior is not None else None
         self._scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup=min(cfg.warmup, cfg.steps - 1),
                           checkpoint_every=cfg.checkpoint_every, log_every=min(25, cfg.steps))
         fingerprint = {"method": self.method, "config": {k: v for k, v in asdict(cfg).items() if k != "steps"},
-                       "concepts": [self._concept_meta(c) for c in concepts], "prior": prior is not None}
+                       "concepts": [self._concept_meta(c) for c in concepts], "captions": captions,
+                       "prior": prior is not None}
         with PeakMemory() as peak:
             state, trainable = self._prepare()
             result = train(state, self.batch_loss, loop, Path(checkpoint_dir), params=trainable, desc=self.method,
@@ -277,6 +278,14 @@ def concept_from_meta(meta: dict[str, Any]) -> Concept:
     return Concept(name=meta["name"], images=np.zeros((1, 1, 1, 3), np.uint8), templates=("{}",),
                    class_noun=meta["class_noun"], placeholder=meta["placeholder"], identifier=meta["identifier"],
                    kind=meta["kind"], class_noun_ru=meta.get("class_noun_ru"))
+
+
+def concept_words(directory: Path) -> set[str]:
+    """The words that name the concepts of the customization artifact in `directory` (a
+    DreamBooth pipeline folder, say), in a prompt of any language; none for a plain pipeline."""
+    if not (directory / MANIFEST).is_file():
+        return set()
+    return {word for c in read_manifest(directory)["concepts"] for word in (c["identifier"], c["placeholder"])}
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

@@ -144,10 +144,13 @@ def feature_blocks(vae) -> list[nn.Module]:
 
 
 def pipeline_dims(pipe: StableDiffusionPipeline) -> dict[str, Any]:
-    """Everything about a pipeline an encoder's shapes depend on (its config must match)."""
+    """Everything about a pipeline an encoder depends on (its config must match): the shapes,
+    and the text encoder's kind, since a word means something only in the embedding space it
+    was learnt for (the multilingual student's rows are as wide as CLIP's but not the same space)."""
     channels = list(pipe.vae.config.block_out_channels)
     layers = cross_attention_layers(pipe.unet)
     return {"feature_channels": [*channels, channels[-1]],
+            "text_encoder": type(pipe.text_encoder).__name__,
             "word_dim": pipe.text_encoder.get_input_embeddings().embedding_dim,
             "context_dim": pipe.unet.config.cross_attention_dim,
             "attention_layers": list(layers),
@@ -187,7 +190,8 @@ class EliteEncoder(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, feature_channels: list[int], word_dim: int, context_dim: int, attention_layers: list[str],
-                 attention_dims: list[int], n_words: int = 3, width: int = 128, local_grid: int = 8):
+                 attention_dims: list[int], n_words: int = 3, width: int = 128, local_grid: int = 8,
+                 text_encoder: str = "CLIPTextModel"):
         super().__init__()
         if not 1 <= n_words <= len(feature_channels):
             raise ValueError(f"n_words must be between 1 and the {len(feature_channels)} feature levels of this "

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from manip.metrics.clip_scores import ClipScorer
-from manip.metrics.judge import AttributeJudge, attribute_hits, embeddings, predict, scene_targets
+from manip.metrics.judge import AttributeJudge, attribute_hits, embeddings, objects_in_place, predict
 from manip.metrics.kid import kid
 from manip.world import Scene
 
@@ -59,7 +59,7 @@ def pair_scores(scorers: Scorers, images: np.ndarray, scenes: Sequence[Scene], t
     """Multi-concept prompts: both concepts present (in any slot), each in its own slot, CLIP-T."""
     pred = predict(scorers.judge, images)
     hits = attribute_hits(pred, list(scenes))
-    in_place = (pred["slot_object"] == scene_targets(list(scenes))["slot_object"].numpy()).all(1)
+    in_place = objects_in_place(pred, list(scenes))
     return {"both_present": round(float(hits["object"].mean()), 4), "both_in_place": round(float(in_place.mean()), 4),
             "clip_t": round(float(scorers.clip.clip_t(images, texts).mean()), 4)}
 

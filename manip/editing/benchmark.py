@@ -42,6 +42,7 @@ from .edit import edit_inverted_batch
 from .images import load_image
 from .inversion import METHODS, invert_batch, model_id
 from .p2p import P2PConfig
+from .tokens import bare_word
 
 KINDS: tuple[str, ...] = ("object", "colour", "background", "time", "add", "style")
 # Which attribute_hits entries say that the edited attribute matches the target scene.
@@ -50,7 +51,9 @@ JUDGE_HITS: dict[str, tuple[str, ...]] = {
     "time": ("time",), "style": ("style",), "add": ("position",), "remove": ("object", "position"),
 }
 # Function words are not blended on: "a" occurs several times in most captions.
-STOPWORDS = frozenset({"a", "an", "the", "of", "and", "on", "in", "at", "with", "to"})
+# Function words of English and Russian captions: a word swap never needs them blended.
+STOPWORDS = frozenset({"a", "an", "the", "of", "and", "on", "in", "at", "with", "to",
+                       "и", "на", "в", "во", "с", "со", "у", "к"})
 METRICS: tuple[str, ...] = (
     "recon_psnr", "recon_ssim", "bg_psnr", "bg_mse", "bg_ssim", "gt_psnr_in", "gt_psnr_out",
     "clip_t", "clip_t_region", "structure_dist", "success", "invert_seconds", "edit_seconds", "mask_fraction",
@@ -119,14 +122,10 @@ def build_cases(scenes: Sequence[Scene], seed: int, n_cases: int, kinds: Sequenc
     return cases
 
 
-def _norm(word: str) -> str:
-    return word.strip(",.").lower()
-
-
 def differing_words(source: str, target: str) -> tuple[list[str], list[str]]:
     """(source words, target words) that the edit changes, function words left out: position by
     position for captions of equal length (what `replace` aligns), by diff otherwise."""
-    s, t = [_norm(w) for w in source.split()], [_norm(w) for w in target.split()]
+    s, t = [bare_word(w) for w in source.split()], [bare_word(w) for w in target.split()]
     if len(s) == len(t):
         src = [a for a, b in zip(s, t) if a != b]
         tgt = [b for a, b in zip(s, t) if a != b]

@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from manip.prompts import read_prompts
 from manip.sampling import encode_prompts
 from manip.training.checkpoint import replace_dir, staging_dir
 
@@ -243,6 +244,7 @@ def invert_batch(pipe: StableDiffusionPipeline, images: Sequence[np.ndarray], pr
     if inner_steps < 0:
         raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
     started = time.perf_counter()
+    prompts = read_prompts(pipe.tokenizer, prompts)  # stored as the encoder read them, so edits align
     cond = encode_prompts(pipe, prompts)
     z0 = encode_image(pipe, np.stack(images))
     trajectory = ddim_trajectory(pipe, z0, cond, steps, scheduler)

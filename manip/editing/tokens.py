@@ -13,7 +13,7 @@ import torch
 from manip.multilingual.russian import fold_yo
 
 
-def _bare(word: str) -> str:
+def bare_word(word: str) -> str:
     """A word as edits name it: lower case, ё as е, without the punctuation at its edges."""
     return fold_yo(word.lower().strip(",.:;!?"))
 
@@ -31,8 +31,8 @@ class WordSpans:
     def tokens_of(self, word: str) -> list[int]:
         """Token indices of every occurrence of `word` (case-insensitive, ё as е, punctuation
         at the word's edges ignored)."""
-        wanted = _bare(word)
-        hits = [i for w, (a, b) in zip(self.words, self.spans) for i in range(a, b) if _bare(w) == wanted]
+        wanted = bare_word(word)
+        hits = [i for w, (a, b) in zip(self.words, self.spans) for i in range(a, b) if bare_word(w) == wanted]
         if not hits:
             raise AlignmentError(f"word {word!r} is not in the prompt {' '.join(self.words)!r}")
         return hits

@@ -6,8 +6,8 @@ exponential backoff, honouring Retry-After; answers that are not the JSON asked 
 output caption equals the input, or that are not in the caption's language, are quarantined with
 the reason. The caption's language (English or Russian) is passed on: a Russian caption gets the
 Russian examples and a system prompt asking for a Russian answer. Every answer that came back is
-cached under a key of (model, sampling settings, the whole conversation), so a rerun costs no
-requests and gives the same bytes. The API key is read from the environment by the client and is never part of a
+cached under a key of (model, prompt template of the caption's language, caption), so a rerun
+costs no requests and gives the same bytes. The API key is read from the environment by the client and is never part of a
 key, a record, a message or a log line.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from manip.multilingual.language import Language, LanguageError, detect_language
+from manip.multilingual.language import Language, LanguageError, detect_language, language_or_none
 from manip.training.checkpoint import atomic_write
 
 from .records import Caption, CaptionEdit, CaptionError, Rejected, check_caption, partition
@@ -199,8 +199,9 @@ class ChatEndpoint:
     """One chat-completions request per user message, with the retries and the cache.
 
     `messages(user)` builds the whole conversation; its shape with a placeholder user message,
-    with the sampling settings, is the *template* part of every cache key, so a changed prompt
-    never reads an answer given to another one.
+    with the sampling settings, is the *template* part of every cache key (`template_of`), so a
+    changed prompt, or the conversation of another language, never reads an answer given to
+    another one.
     """
 
     def __init__(self, settings: LLMSettings, cache_dir: str | Path, messages: Callable[[str], list[dict]],
@@ -213,9 +214,7 @@ class ChatEndpoint:
         self.settings, self.messages, self.sleep = settings, messages, sleep
         self.client = openai.OpenAI(base_url=settings.base_url or os.environ.get("OPENAI_BASE_URL"),
                                     timeout=settings.timeout, max_retries=0)
-        self.template = hashlib.sha256(json.dumps(
-            {"messages": messages("{caption}"), "temperature": settings.temperature,
-             "max_tokens": settings.max_tokens, "json_mode": settings.json_mode}, sort_keys=True).encode()).hexdigest()
+        self.template = self.template_of(messages("{caption}"))
         self.cache = ResponseCache(cache_dir)
         self.requests = 0
         self._lock = threading.Lock()
@@ -223,10 +222,18 @@ class ChatEndpoint:
                            openai.InternalServerError)
         self._status_error = openai.APIStatusError
 
+    def template_of(self, messages: list[dict]) -> str:
+        """Digest of a conversation with its last (user) message as a placeholder, and of the
+        sampling settings: what the answer depends on besides the user's text. Conversations
+        differ by language (system prompt, examples), so each language has its own."""
+        shape = [*messages[:-1], {**messages[-1], "content": "{caption}"}]
+        s = self.settings
+        return hashlib.sha256(json.dumps(
+            {"messages": shape, "temperature": s.temperature, "max_tokens": s.max_tokens, "json_mode": s.json_mode},
+            sort_keys=True).encode()).hexdigest()
+
     def key(self, user: str) -> str:
-        """Keyed by the whole conversation, so answers given to a prompt in one language, or
-        with other examples, are never read for another."""
-        blob = json.dumps([self.settings.model, self.template, self.messages(user)])
+        blob = json.dumps([self.settings.model, self.template_of(self.messages(user)), user])
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _request(self, user: str) -> str | None:
@@ -263,18 +270,10 @@ class ChatEndpoint:
                     delay = _retry_after(err) or min(s.max_backoff, s.backoff * 2**attempt)
                     self.sleep(delay * (0.5 + jitter.random()))
                 continue
-            self.cache.put(key, {"model": s.model, "template": self.template, "caption": user, "content": content})
+            self.cache.put(key, {"model": s.model, "template": self.template_of(self.messages(user)), "caption": user,
+                                 "content": content})
             return content, ""
         return None, f"no answer after {s.max_attempts} attempts, last: {last}"
-
-
-def caption_language(caption: str) -> Language:
-    """The caption's language; a caption whose language cannot be told is asked about in
-    English (`edit_one` rejects it before asking)."""
-    try:
-        return detect_language(caption)
-    except LanguageError:
-        return "en"
 
 
 class OpenAIEditor:
@@ -290,7 +289,7 @@ class OpenAIEditor:
     def messages(self, caption: str) -> list[dict]:
         """The conversation for one caption: the system prompt and examples of its language
         (English examples where none of its language were given)."""
-        language = caption_language(caption)
+        language = language_or_none(caption) or "en"  # `edit_one` rejects the others before asking
         examples = self.examples.get(language) or self.examples.get("en", [])
         return build_messages(examples, caption, language)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from manip.multilingual.language import Language, LanguageError, detect_language
-from manip.multilingual.russian import BACKGROUNDS_RU, COLOURS_RU, OBJECTS_RU, SLOTS_RU, caption_ru
-from manip.world.captions import caption
+from manip.multilingual.corpus import CAPTION_WRITERS
+from manip.multilingual.russian import BACKGROUNDS_RU, COLOURS_RU, OBJECTS_RU, SLOTS_RU
 from manip.world.edits import EDIT_KINDS, Edit, EditNotApplicable, apply_edit
 from manip.world.scene import Placed, Scene
 
@@ -104,10 +104,9 @@ def instruction(edit: Edit, rng: np.random.Generator) -> str:
 TEMPLATES_RU: dict[str, tuple[str, ...]] = {
     "object": ("замени {before} на {after}", "преврати {before} в {after}"),
     "colour": ("перекрась {obj} в {colour} цвет", "покрась {obj} в {colour} цвет"),
-    "colour-natural": ("перекрась {obj} в естественные цвета", "верни {obj} к естественным цветам"),
-    "background": ("перенеси сцену {direction}", "смени фон на {background}", "пусть все будет {place}"),
+    "colour-natural": ("перекрась {obj} в естественные цвета", "сделай цвета естественными"),
+    "background": ("перенеси сцену {direction}", "смени фон на {background}", "пусть действие происходит {place}"),
     "time": ("пусть будет {time}", "смени время суток на {time}"),
-    "style": ("{style}",),
     "add": ("добавь {after} {slot}", "нарисуй {after} {slot}"),
     "remove": ("убери {before}", "удали {before}"),
 }
@@ -116,7 +115,7 @@ _DIRECTION_RU = {"beach": "на пляж", "grass": "на траву", "snow": "
 _BACKGROUND_ACC_RU = {"beach": "пляж", "grass": "лужайку", "snow": "снежное поле", "city": "город", "sky": "небо",
                       "desert": "пустыню"}
 _TIME_RU = {"day": "день", "sunset": "закат", "night": "ночь"}
-_STYLE_RU = {"photo": ("преврати в фотографию", "сделай фотографию"),
+_STYLE_RU = {"photo": ("преврати в фотографию", "сделай фотореалистичным"),
              "sketch": ("преврати в набросок карандашом", "нарисуй карандашом"),
              "pixel-art": ("преврати в пиксель-арт", "сделай в стиле пиксель-арт"),
              "inverted": ("инвертируй цвета", "сделай негатив")}
@@ -142,10 +141,7 @@ def instruction_ru(edit: Edit, rng: np.random.Generator) -> str:
     return _pick(TEMPLATES_RU[change.kind], rng, **fields)
 
 
-# The writers of each caption language: the instruction and the caption of the edited scene.
-WRITERS: dict[Language, tuple[Callable[[Edit, np.random.Generator], str], Callable[[Scene, int], str]]] = {
-    "en": (instruction, caption), "ru": (instruction_ru, caption_ru),
-}
+INSTRUCTION_WRITERS: dict[Language, Callable[[Edit, np.random.Generator], str]] = {"en": instruction, "ru": instruction_ru}
 
 
 class RulesEditor:
@@ -165,9 +161,10 @@ class RulesEditor:
             return Rejected(c.id, c.text, "no scene",
                             "the rules backend edits EmojiWorld captions only; use the openai backend for free text")
         try:
-            write_instruction, write_caption = WRITERS[detect_language(c.text)]
+            language = detect_language(c.text)
         except LanguageError as err:
             return Rejected(c.id, c.text, "language", str(err))
+        write_instruction, write_caption = INSTRUCTION_WRITERS[language], CAPTION_WRITERS[language][1]
         scene = Scene.from_dict(c.scene)
         rng = item_rng(self.seed, "edit", c.id)
         # Kinds in a seeded order; a scene that cannot take one (adding a third object) takes the next.

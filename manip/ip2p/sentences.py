@@ -23,8 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from manip.multilingual.corpus import CAPTION_WRITERS
-from manip.multilingual.language import Language, LanguageError, detect_language
+from manip.multilingual.corpus import CAPTION_WRITERS, all_captions_in
+from manip.multilingual.language import Language, LanguageError, detect_language, language_or_none
 from manip.world.edits import Edit
 from manip.world.sampling import sample_scene
 from manip.world.scene import Scene
@@ -64,9 +64,7 @@ def rules_sentences(edit: Edit, n: int, seed: int, language: Language = "en") ->
 
 def scene_sentences(edit: Edit, language: Language = "en") -> SentenceSets:
     """Every phrasing, in `language`, of the edit's own source and target captions."""
-    n_phrasings, write = CAPTION_WRITERS[language]
-    return tuple(write(edit.source, p) for p in range(n_phrasings)), \
-        tuple(write(edit.target, p) for p in range(n_phrasings))
+    return tuple(all_captions_in(edit.source, language)), tuple(all_captions_in(edit.target, language))
 
 
 SYSTEM = (
@@ -97,13 +95,6 @@ class ParsedPairs:
     dropped: tuple[str, ...]  # why each unusable pair was left out
 
 
-def _written_in(text: str, language: Language) -> bool:
-    try:
-        return detect_language(text) == language
-    except LanguageError:
-        return False
-
-
 def parse_pairs(content: str | None, tokenizer=None, language: Language = "en") -> ParsedPairs:
     """The usable pairs of an answer, in `language`; raises ValueError when the answer is not
     the JSON asked for."""
@@ -124,7 +115,7 @@ def parse_pairs(content: str | None, tokenizer=None, language: Language = "en") 
         if a.strip().lower() == b.strip().lower():
             dropped.append(f"pair {i}: source and target are the same caption")
             continue
-        if not (_written_in(a, language) and _written_in(b, language)):
+        if not language_or_none(a) == language_or_none(b) == language:
             dropped.append(f"pair {i}: not written in {LANGUAGE_NAMES[language]}")
             continue
         pairs.append((a, b))
@@ -144,7 +135,10 @@ class OpenAISentences:
     def __call__(self, source: str, target: str, instruction: str | None, n: int) -> SentenceSets:
         if n < 1:
             raise ValueError(f"need at least one sentence pair, got n={n}")
-        language = detect_language(source)
+        try:
+            language = detect_language(source)
+        except LanguageError as err:
+            raise LLMError(f"sentence pairs for {source!r}: {err}") from None
         content, failure = self.endpoint.answer(describe(source, target, instruction, n, language))
         if content is None:
             raise LLMError(f"sentence pairs for {source!r} -> {target!r}: {failure}")

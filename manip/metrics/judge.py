@@ -98,6 +98,12 @@ def embeddings(judge: AttributeJudge, images: np.ndarray, batch: int = 256) -> n
                            for i in range(0, len(images), batch)])
 
 
+def objects_in_place(pred: dict[str, np.ndarray], scenes: list[Scene]) -> np.ndarray:
+    """Per image: is every slot's object the requested one (each object in its own slot, no
+    other object anywhere)?"""
+    return (pred["slot_object"] == scene_targets(scenes)["slot_object"].numpy()).all(1)
+
+
 def attribute_hits(pred: dict[str, np.ndarray], scenes: list[Scene]) -> dict[str, np.ndarray]:
     """Per-image booleans: is each attribute the prompt asked for present?
 
@@ -114,6 +120,5 @@ def attribute_hits(pred: dict[str, np.ndarray], scenes: list[Scene]) -> dict[str
     ])
     t_col = tgt["slot_colour"].numpy()
     hits["colour"] = np.where(t_col >= 0, pred["slot_colour"] == t_col, True).all(1)
-    layout = (p_obj == t_obj).all(1)
-    hits["all"] = layout & np.all([hits[k] for k in ("background", "time", "style", "colour")], axis=0)
+    hits["all"] = objects_in_place(pred, scenes) & np.all([hits[k] for k in ("background", "time", "style", "colour")], axis=0)
     return hits

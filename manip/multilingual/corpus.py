@@ -17,6 +17,11 @@ CAPTION_WRITERS: dict[Language, tuple[int, Callable[[Scene, int], str]]] = {
 }
 
 
+def all_captions_in(scene: Scene, language: Language) -> list[str]:
+    """Every phrasing of the scene's caption in `language`."""
+    return all_captions(scene) if language == "en" else all_captions_ru(scene)
+
+
 def bilingual_captions(seed: int, n_per_split: int) -> list[str]:
     """Every English and Russian phrasing of the first scenes of each split. All splits take
     part: the reserved concepts and style occur only in `concepts`, and a tokenizer sees text

@@ -85,3 +85,11 @@ def detect_language(prompt: str, placeholders: Collection[str] = ()) -> Language
             "placeholder in angle brackets (<sks>) to use it in either"
         )
     return SCRIPT_LANGUAGES[next(iter(by_script))] if by_script else DEFAULT_LANGUAGE
+
+
+def language_or_none(text: str, placeholders: Collection[str] = ()) -> Language | None:
+    """The text's language, or None where `detect_language` would refuse it."""
+    try:
+        return detect_language(text, placeholders)
+    except LanguageError:
+        return None
