@@ -158,6 +158,12 @@ def test_customization_trains_and_samples_from_russian_prompts(method, folder, t
     trained.save(tmp_path / "artifact")
     loaded = load_customizer(load(folder), tmp_path / "artifact")
     np.testing.assert_array_equal(loaded.generate([prompt], [torch.Generator().manual_seed(1)], steps=2), before)
+    if method == "dreambooth":  # a pipeline folder: its identifier stands in a Russian prompt on the CLI too
+        from manip.cli import main
+
+        out = tmp_path / "cli.png"
+        assert main(["generate", "--model", str(tmp_path / "artifact"), "--prompt", prompt, "--steps", "2",
+                     "--out", str(out)]) == 0 and out.is_file()
 
 
 def test_concept_templates_that_cannot_be_read_are_refused(folder, tmp_path):
