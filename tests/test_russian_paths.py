@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from tiny_pipeline import saved_tiny_multilingual
+from tiny_pipeline import saved_tiny_multilingual, tiny_pipeline
 
 from manip.customize import METHODS, Concept, ConceptError, load_customizer
 from manip.editing.edit import edit_inverted
@@ -174,3 +174,11 @@ def test_concept_templates_that_cannot_be_read_are_refused(folder, tmp_path):
     with pytest.raises(ConceptError, match="no Russian class noun"):
         lora.fit([Concept(name="teapot", images=np.zeros((1, 32, 32, 3), np.uint8), templates=("{} на пляже",),
                           class_noun="crown", placeholder="<teapot>")], tmp_path / "b")
+
+
+def test_an_english_model_refuses_a_russian_instruction_by_name(image):
+    """InstructPix2Pix edits with a model fine-tuned under the English encoder: a Russian
+    instruction is refused before any work, not drawn from byte pieces."""
+    with pytest.raises(LanguageError, match="prompt 3 .*does not read Russian"):
+        prepare_request(tiny_pipeline(), image, "a red cat on the beach", "a red dog on the beach",
+                        instruction="замени кошку на собаку")
