@@ -120,6 +120,11 @@ def test_distillation_loss_drops_in_both_languages(tmp_path, tokenizers, teacher
         assert after[key] < 0.6 * before[key], (key, before, after)
     assert after["target_variance"] == pytest.approx(before["target_variance"])
     assert teacher.embeddings.token_embedding.weight.grad is None  # the teacher stays frozen
+    # The end-of-text token, which is also the pad token, ends every caption: its row trains.
+    eos = tokenizers[0].eos_token_id
+    assert eos == tokenizers[0].pad_token_id
+    initial = student(tokenizers).get_input_embeddings().weight.detach()
+    assert not torch.equal(result.model.get_input_embeddings().weight[eos], initial[eos])
 
 
 def test_interrupted_distillation_resumes_exactly(tmp_path, tokenizers, teacher, data):

@@ -29,11 +29,13 @@ from transformers import BertConfig, BertModel, CLIPTextModel, CLIPTokenizer
 
 
 def student_config(tokenizer: CLIPTokenizer, hidden_size: int, layers: int, heads: int) -> BertConfig:
-    """A BERT encoder as wide as the UNet's cross-attention, one position per prompt token."""
+    """A BERT encoder as wide as the UNet's cross-attention, one position per prompt token. No
+    padding index: the pad token is CLIP's end-of-text token, which ends every prompt and whose
+    teacher features the UNet reads, so its embedding row must train like any other."""
     return BertConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=4 * hidden_size, max_position_embeddings=tokenizer.model_max_length, type_vocab_size=1,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=None,
         use_attention_mask=False,
     )
 
