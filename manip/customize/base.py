@@ -233,7 +233,7 @@ class Customizer(ABC):
 
     def generate(self, prompts: Sequence[str], generators: list[torch.Generator], steps: int = 50,
                  guidance_scale: float = 7.5) -> np.ndarray:
-        return generate(self.pipe, self.read(prompts), generators, steps=steps, guidance_scale=guidance_scale,
+        return generate(self.pipe, prompts, generators, steps=steps, guidance_scale=guidance_scale,
                         placeholders=self.placeholders())
 
     def _concept_meta(self, c: Concept) -> dict[str, Any]:
