@@ -119,8 +119,9 @@ def downstream(root: Path, stage: str) -> list[str]:
 
 @flow(name="ip2p-train")
 def train_flow(repo: str = ".") -> dict[str, str]:
-    """Fine-tune on the published dataset, then rerun what uses the model: its evaluation and
-    the editing-methods comparison (which reuses every shard not made with models/ip2p).
+    """Fine-tune on the published dataset, then rerun what uses the model: its evaluation, the
+    editing-methods comparison (which reuses every shard not made with models/ip2p) and the
+    Russian-instruction model built on its UNet with that model's evaluation.
 
     Args:
         repo: The project checkout to run in.

@@ -18,6 +18,7 @@ EDIT_GRID = Path("plots/edit_grid.png")
 CUSTOMIZE_METRICS = METRICS_DIR / "customize.json"
 RUNS_METRICS = METRICS_DIR / "edit_runs.json"
 IP2P_METRICS = METRICS_DIR / "ip2p_eval.json"
+IP2P_LANGUAGE_METRICS = METRICS_DIR / "ip2p_multilingual_eval.json"
 RUNS_GRIDS = Path("plots/edit_runs")
 RUNS_COLUMNS = ("n", "success", "gt_psnr_in", "gt_psnr_out", "bg_psnr", "clip_t", "structure_dist", "recon_psnr",
                 "prepare_seconds", "edit_seconds", "peak_memory_mb", "stored_bytes")
@@ -106,6 +107,19 @@ def ip2p_kind_rows(metrics: dict) -> list[dict]:
     return [{"edit": kind, **values} for kind, values in metrics.get("per_kind_at_default", {}).items()]
 
 
+def ip2p_language_rows(metrics: dict) -> list[dict]:
+    """Each (model, instruction language) condition, from metrics/ip2p_multilingual_eval.json."""
+    return [{"condition": name, **values} for name, values in metrics.get("scores", {}).items()]
+
+
+def ip2p_language_kind_rows(metrics: dict) -> list[dict]:
+    """Edit success per kind, one column per condition."""
+    per_kind = metrics.get("per_kind", {})
+    kinds = sorted({kind for by_kind in per_kind.values() for kind in by_kind})
+    return [{"edit": kind, **{name: by_kind.get(kind, {}).get("success", "") for name, by_kind in per_kind.items()}}
+            for kind in kinds]
+
+
 def customize_rows(metrics: dict) -> list[dict]:
     """One row per method (means over its concepts) and the `real` ceiling, from metrics/customize.json."""
     return [{"method": method, **{k: values.get(k, "") for k in CUSTOMIZE_COLUMNS}}
@@ -174,7 +188,16 @@ def summary(repo: Path) -> str:
                      f"{_pct(at.get('success'))} (input unchanged: {_pct(still.get('success'))}), PSNR to truth "
                      f"{_fmt(at.get('gt_psnr'))} dB, directional CLIP {_fmt(at.get('clip_direction'))}, "
                      f"CLIP-I {_fmt(at.get('clip_image'))}; model: models/ip2p")
+    if "ip2p_multilingual_eval" in metrics:
+        scores = metrics["ip2p_multilingual_eval"].get("scores", {})
+        ru, en = scores.get("ip2p_multilingual_ru", {}), scores.get("ip2p_en", {})
+        lines.append(f"  InstructPix2Pix, Russian instructions (models/ip2p_multilingual): success "
+                     f"{_pct(ru.get('success'))}, English on models/ip2p {_pct(en.get('success'))}")
     for name, m in metrics.items():
+        if name == "ip2p_multilingual_eval":
+            lines.append(f"  metrics/{name}.json: per condition and edit kind in `python -m pipelines.report "
+                         "--ip2p-language-table`, grid in plots/ip2p_multilingual_grid.png")
+            continue
         if name == "ip2p_eval":
             lines.append(f"  metrics/{name}.json: per image-guidance scale and edit kind; curve in plots/ip2p_tradeoff.csv")
             continue
@@ -212,6 +235,8 @@ TABLES = {
     "customize_table": (CUSTOMIZE_METRICS, "customize", (customize_rows, customize_multi_rows, customize_drift_rows)),
     "edit_runs_table": (RUNS_METRICS, "edit_runs", (runs_rows, runs_kind_rows, runs_reuse_rows)),
     "ip2p_table": (IP2P_METRICS, "ip2p_evaluate", (ip2p_rows, ip2p_kind_rows)),
+    "ip2p_language_table": (IP2P_LANGUAGE_METRICS, "ip2p_evaluate_multilingual",
+                            (ip2p_language_rows, ip2p_language_kind_rows)),
 }
 
 
@@ -226,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the single-image methods' tables (overall, success per edit type, reuse) as markdown")
     ap.add_argument("--ip2p-table", action="store_true",
                     help="print the InstructPix2Pix tables (per image-guidance scale, per edit kind) as markdown")
+    ap.add_argument("--ip2p-language-table", action="store_true",
+                    help="print InstructPix2Pix on English and Russian instructions (overall, success per edit kind)")
     args = ap.parse_args(argv)
     for flag, (metrics, stage, tables) in TABLES.items():
         if getattr(args, flag):

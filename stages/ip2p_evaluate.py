@@ -33,7 +33,7 @@ def run(params: Params, progress: bool = True) -> dict:
     set_threads()
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    from manip.ip2p.evaluate import EvalSettings, build_cases, grid, run_edits, score, summarise
+    from manip.ip2p.evaluate import EvalSettings, build_cases, by_kind, run_edits, save_grid, score, summarise
     from manip.metrics.clip_scores import ClipScorer
     from manip.metrics.judge import AttributeJudge
     from manip.world import Artwork, Renderer
@@ -60,8 +60,6 @@ def run(params: Params, progress: bool = True) -> dict:
         per_scale[str(scale)] = summarise(rows_at[scale])
     identity = summarise(score(cases, np.stack([c.source for c in cases]), scorer, judge))
     default = rows_at[e.default_image_guidance]
-    kinds = sorted({c.edit.kind for c in cases})
-    by_kind = {k: summarise([r for r in default if r["kind"] == k]) for k in kinds}
 
     buf = io.StringIO()
     buf.write("image_guidance_scale,clip_direction,clip_image,success,gt_psnr\n")
@@ -69,14 +67,11 @@ def run(params: Params, progress: bool = True) -> dict:
         m = per_scale[str(scale)]
         buf.write(f"{scale},{m['clip_direction']},{m['clip_image']},{m['success']},{m['gt_psnr']}\n")
     atomic_write(CURVE, buf.getvalue())
-    GRID.parent.mkdir(parents=True, exist_ok=True)
-    tmp = GRID.with_suffix(".tmp.png")
-    grid(cases, outputs).save(tmp)
-    tmp.replace(GRID)
+    save_grid(GRID, cases, outputs)
     return write_metrics(METRICS, {
         "n_cases": len(cases), "steps": e.steps, "guidance_scale": e.guidance_scale,
         "default_image_guidance": e.default_image_guidance, "per_image_guidance": per_scale,
-        "per_kind_at_default": by_kind, "unchanged_input_baseline": identity,
+        "per_kind_at_default": by_kind(default), "unchanged_input_baseline": identity,
         "grid_columns": ["input", "ground truth", *[f"image guidance {x}" for x in s.image_guidance_scales]],
     })
 

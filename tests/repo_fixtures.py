@@ -22,7 +22,8 @@ TINY_PROFILE = ROOT / "profiles" / "tiny.yaml"
 VENV_BIN = Path(sys.executable).parent
 STAGES = ["world", "text_encoder", "vae", "unet", "evaluator", "evaluate_base", "edit_benchmark", "ip2p_captions",
           "ip2p_edits", "ip2p_pairs", "ip2p_dataset", "ip2p_finetune",
-          "ip2p_evaluate", "elite_encoder", "customize", "multilingual", "edit_runs", "evaluate_multilingual"]
+          "ip2p_evaluate", "elite_encoder", "customize", "multilingual", "edit_runs", "evaluate_multilingual",
+          "ip2p_multilingual", "ip2p_evaluate_multilingual"]
 
 COPY_DIRS = ("manip", "stages", "pipelines")
 COPY_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", "prefect.yaml")

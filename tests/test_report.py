@@ -68,6 +68,22 @@ def test_summary_and_tables_of_instruct_pix2pix(tmp_path, capsys):
     assert kind_table.splitlines()[2] == "| time | 0.5 | 20 | 0.4 | 0.7 | 0.8 |"
 
 
+def test_summary_and_tables_of_instruct_pix2pix_in_two_languages(tmp_path, capsys):
+    scores = {"success": 0.5, "gt_psnr": 20.0, "clip_direction": 0.4, "clip_image": 0.7, "clip_text_output": 0.8}
+    conditions = {"ip2p_en": scores, "ip2p_multilingual_en": scores, "ip2p_multilingual_ru": {**scores, "success": 0.25}}
+    ev = {"scores": conditions, "per_kind": {name: {"time": s, "add": s} for name, s in conditions.items()}}
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "ip2p_multilingual_eval.json").write_text(json.dumps(ev))
+    text = summary(tmp_path)
+    assert "Russian instructions (models/ip2p_multilingual): success 25.0%, English on models/ip2p 50.0%" in text
+    assert "per_kind" not in text and "--ip2p-language-table" in text
+    assert main(["--repo", str(tmp_path), "--ip2p-language-table"]) == 0
+    overall, kinds = capsys.readouterr().out.strip().split("\n\n")
+    assert [row.split(" | ")[0] for row in overall.splitlines()[2:]] == ["| " + name for name in conditions]
+    assert kinds.splitlines()[0] == "| edit | " + " | ".join(conditions) + " |"
+    assert kinds.splitlines()[2:] == ["| add | 0.5 | 0.5 | 0.25 |", "| time | 0.5 | 0.5 | 0.25 |"]
+
+
 def test_edit_runs_tables_and_summary(tmp_path, capsys):
     from pipelines.report import RUNS_COLUMNS
 

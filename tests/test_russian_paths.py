@@ -166,6 +166,46 @@ def test_customization_trains_and_samples_from_russian_prompts(method, folder, t
                      "--out", str(out)]) == 0 and out.is_file()
 
 
+def test_svdiff_cut_mix_captions_follow_the_template_language(folder, tmp_path):
+    """Cut-Mix-Unmix with a Russian template writes both subjects in Russian, and its unmix
+    term finds their tokens in those captions."""
+    from manip.customize.svdiff import SVDiff
+
+    robot = Concept(name="robot", images=russian_concept().images[::-1].copy(), templates=("{} на траве",) * 2,
+                    class_noun="robot", class_noun_ru="робот", placeholder="<robot>", identifier="zwx")
+    sv = SVDiff(load(folder), SVDiff.Config(steps=2, checkpoint_every=2, batch_size=2, lr=1e-2,
+                                            cutmix_template="{} слева и {} справа"))
+    report = sv.fit([russian_concept(), robot], tmp_path / "ckpt")
+    assert report.history[-1]["unmix"] > 0
+    assert sv._cut_mix_phrases(russian_concept(), robot) == ("sks корона", "zwx робот")
+
+
+def test_custom_diffusion_merge_with_russian_templates(folder, tmp_path):
+    """The closed-form merge constrains each concept's keys in every template's language: the
+    merged weights give the Russian phrase's keys the values its own weights gave them."""
+    from manip.customize.custom_diffusion import cross_attention_kv, merge, phrase_features
+
+    concepts = [russian_concept(), Concept(name="robot", images=russian_concept().images, templates=("{} на траве",) * 2,
+                                           class_noun="robot", class_noun_ru="робот", placeholder="<robot>")]
+    for c in concepts:
+        cd = METHODS["custom_diffusion"](load(folder), METHODS["custom_diffusion"].Config(
+            steps=2, checkpoint_every=2, batch_size=2, lr=1e-2))
+        cd.fit([c], tmp_path / f"ckpt-{c.name}")
+        cd.save(tmp_path / c.name)
+    base = load(folder)
+    template = "{} на снегу ночью"
+    merged = merge(base, [tmp_path / c.name for c in concepts], [template, "a {} in the snow"],
+                   ["красная кошка на пляже", "a red cat on the beach", "зеленое дерево в городе"])
+    for c in concepts:
+        own = load_customizer(load(folder), tmp_path / c.name)
+        phrase = merged.phrase(c, "ru")
+        assert merged.prompt(c, template) == template.format(phrase)
+        keys = phrase_features(base, [template.format(phrase)], phrase)
+        for name, module in cross_attention_kv(base.unet).items():
+            wanted = cross_attention_kv(own.pipe.unet)[name].weight @ keys.T
+            assert torch.linalg.norm(module.weight @ keys.T - wanted) < 1e-3 * torch.linalg.norm(wanted)
+
+
 def test_concept_templates_that_cannot_be_read_are_refused(folder, tmp_path):
     lora = METHODS["lora"](load(folder), METHODS["lora"].Config(steps=1))
     with pytest.raises(LanguageError, match="mixes English words"):

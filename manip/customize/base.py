@@ -33,6 +33,12 @@ from .concept import Concept, ConceptError
 MANIFEST = "customizer.json"
 
 
+def template_language(template: str) -> Language:
+    """The language of a template whose `{}` slots take concept phrases: the phrases must be
+    written in it, so a Russian template gets the Russian class noun."""
+    return detect_language(template.format(*[PLACEHOLDER_WORD] * template.count("{}")))
+
+
 @dataclass(frozen=True)
 class FitConfig:
     """Settings every method shares; methods extend it with their own fields."""
@@ -139,7 +145,7 @@ class Customizer(ABC):
 
     def prompt(self, concept: Concept, template: str) -> str:
         """The template, in either language, with the concept's phrase in that language."""
-        return template.format(self.phrase(concept, detect_language(template.format(PLACEHOLDER_WORD))))
+        return template.format(self.phrase(concept, template_language(template)))
 
     def read(self, prompts: Sequence[str]) -> list[str]:
         """`read_prompts` for this model: its concepts' words belong to no language."""

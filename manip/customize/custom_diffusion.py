@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from manip.multilingual.language import Language
 
-from .base import Customizer, FitConfig, phrase_mask, tokenize
+from .base import Customizer, FitConfig, phrase_mask, template_language, tokenize
 from .concept import Concept
 from .textual_inversion import TrainableRows, add_tokens, class_embedding
 
@@ -146,10 +146,11 @@ def merge(base: StableDiffusionPipeline, artifacts: Sequence[Path], templates: S
         for c in part.concepts:
             base.load_textual_inversion(str(path / f"{c.placeholder}.safetensors"), token=c.placeholder)
             merged.concepts.append(c)
-            phrase = part.phrase(c)
-            k = phrase_features(base, [t.format(phrase) for t in templates], phrase)
-            keys.append(k)
-            values.append({name: w @ k.T for name, w in weights.items()})
+            for template in templates:  # the phrase in each template's language
+                phrase = part.phrase(c, template_language(template))
+                k = phrase_features(base, [template.format(phrase)], phrase)
+                keys.append(k)
+                values.append({name: w @ k.T for name, w in weights.items()})
     if merged is None:
         raise ValueError("merge needs at least one artifact")
     c = torch.cat(keys)

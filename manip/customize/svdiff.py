@@ -21,7 +21,8 @@ from torch.nn.utils import parametrize
 
 from manip.editing.attention import AttentionCall, controlled_attention
 
-from .base import Customizer, FitConfig, LatentSet, encode_images, phrase_mask, tokenize
+from .base import Customizer, FitConfig, LatentSet, encode_images, phrase_mask, template_language, tokenize
+from .concept import Concept
 
 WEIGHTS = "spectral_shifts.safetensors"
 
@@ -90,13 +91,18 @@ class SVDiff(Customizer):
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
         self.pipe.unet.requires_grad_(False)
 
+    def _cut_mix_phrases(self, left: Concept, right: Concept) -> tuple[str, str]:
+        """The two subjects' phrases in the language of the Cut-Mix template."""
+        language = template_language(self.config.cutmix_template)
+        return self.phrase(left, language), self.phrase(right, language)
+
     def _cut_mix_set(self) -> LatentSet:
         """Every ordered pair of subjects, every pair of their references, cut and joined."""
         images, captions = [], []
         for a, b in itertools.permutations(self.concepts, 2):
             for left, right in itertools.product(a.images, b.images):
                 images.append(cut_mix(left, right))
-                captions.append(self.config.cutmix_template.format(self.phrase(a), self.phrase(b)))
+                captions.append(self.config.cutmix_template.format(*self._cut_mix_phrases(a, b)))
         return encode_images(self.pipe, np.stack(images), captions)
 
     def batch_loss(self, step: int, stream: int = 0):
@@ -128,11 +134,12 @@ class SVDiff(Customizer):
         ids = tokenize(self.pipe, captions).cpu()
         total = torch.zeros((), device=self.pipe.unet.device)
         for a, b in itertools.permutations(self.concepts, 2):
-            rows = [i for i, c in enumerate(captions) if c == self.config.cutmix_template.format(self.phrase(a), self.phrase(b))]
+            left, right = self._cut_mix_phrases(a, b)
+            rows = [i for i, c in enumerate(captions) if c == self.config.cutmix_template.format(left, right)]
             if not rows:
                 continue
-            left_tokens = phrase_mask(self.pipe.tokenizer, ids[rows], self.phrase(a)).to(total.device)
-            right_tokens = phrase_mask(self.pipe.tokenizer, ids[rows], self.phrase(b)).to(total.device)
+            left_tokens = phrase_mask(self.pipe.tokenizer, ids[rows], left).to(total.device)
+            right_tokens = phrase_mask(self.pipe.tokenizer, ids[rows], right).to(total.device)
             for probs in maps:  # (batch, heads, pixels, tokens)
                 side = int(round(probs.shape[2] ** 0.5))
                 right_half = (torch.arange(side, device=total.device).repeat(side) >= side // 2).float()

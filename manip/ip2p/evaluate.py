@@ -9,6 +9,7 @@ to the input: the last two traced over the scales are the paper's trade-off curv
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -86,13 +87,33 @@ def summarise(rows: Sequence[dict]) -> dict[str, float]:
     return {k: round(float(np.mean([r[k] for r in rows])), 4) for k in keys}
 
 
-def grid(cases: Sequence[EvalCase], edits: dict[float, np.ndarray], per_kind: int = 1, scale: int = 3) -> Image.Image:
-    """Rows of input | ground truth | the edit at each image-guidance scale, `per_kind` cases per kind."""
+def by_kind(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """`summarise` per edit kind."""
+    return {k: summarise([r for r in rows if r["kind"] == k]) for k in sorted({r["kind"] for r in rows})}
+
+
+def save_grid(path: Path, cases: Sequence[EvalCase], edits: dict[object, np.ndarray]) -> None:
+    """`grid`, written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    grid(cases, edits).save(tmp)
+    tmp.replace(path)
+
+
+def grid_rows(cases: Sequence[EvalCase], per_kind: int = 1) -> list[int]:
+    """The cases a grid shows: the first `per_kind` of each edit kind, in case order."""
     rows, seen = [], {}
     for i, c in enumerate(cases):
-        if seen.get(c.edit.kind, 0) >= per_kind:
-            continue
-        seen[c.edit.kind] = seen.get(c.edit.kind, 0) + 1
-        rows.append(np.concatenate([c.source, c.truth, *(edits[k][i] for k in sorted(edits))], 1))
+        if seen.get(c.edit.kind, 0) < per_kind:
+            seen[c.edit.kind] = seen.get(c.edit.kind, 0) + 1
+            rows.append(i)
+    return rows
+
+
+def grid(cases: Sequence[EvalCase], edits: dict[object, np.ndarray], per_kind: int = 1, scale: int = 3) -> Image.Image:
+    """Rows of input | ground truth | each of `edits` in its order (image-guidance scales, models),
+    for the cases of `grid_rows`."""
+    rows = [np.concatenate([cases[i].source, cases[i].truth, *(edits[k][i] for k in edits)], 1)
+            for i in grid_rows(cases, per_kind)]
     image = Image.fromarray(np.concatenate(rows, 0))
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
