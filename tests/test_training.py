@@ -62,11 +62,22 @@ def test_loss_goes_down(tmp_path):
     assert not result.model.training
 
 
+def test_fused_optimizer_follows_the_loop_up_to_rounding(tmp_path):
+    runs = {}
+    for fused in (False, True):
+        model = make_model()
+        cfg = LoopConfig(steps=20, lr=0.03, warmup=2, checkpoint_every=100, fused=fused)
+        runs[fused] = state(train(model, regression_loss(model), cfg, tmp_path / str(fused)).model)
+    for k in runs[False]:
+        torch.testing.assert_close(runs[True][k], runs[False][k], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kill_at", [6, 7])
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_kill_and_resume_is_exact(tmp_path, kill_at, ema_decay):
+@pytest.mark.parametrize("fused", [False, True])
+def test_kill_and_resume_is_exact(tmp_path, kill_at, ema_decay, fused):
     # The logged row of steps 5-8 spans the resume at 6: its mean must cover all four steps.
-    cfg = LoopConfig(steps=10, lr=0.02, warmup=3, ema_decay=ema_decay, checkpoint_every=2, log_every=4)
+    cfg = LoopConfig(steps=10, lr=0.02, warmup=3, ema_decay=ema_decay, checkpoint_every=2, log_every=4, fused=fused)
     straight = make_model(0)
     ref = train(straight, regression_loss(straight), cfg, tmp_path / "straight")
 

@@ -199,7 +199,7 @@ class Customizer(ABC):
         self._regular = encode_images(self.pipe, prior.images, prior.captions) if prior is not None else None
         self._scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup=min(cfg.warmup, cfg.steps - 1),
-                          checkpoint_every=cfg.checkpoint_every, log_every=min(25, cfg.steps))
+                          checkpoint_every=cfg.checkpoint_every, log_every=min(25, cfg.steps), fused=True)
         fingerprint = {"method": self.method, "config": {k: v for k, v in asdict(cfg).items() if k != "steps"},
                        "concepts": [self._concept_meta(c) for c in concepts], "captions": captions,
                        "prior": prior is not None}

@@ -33,6 +33,10 @@ class LoopConfig:
     checkpoint_every: int = 500
     log_every: int = 25
     grad_clip: float = 1.0
+    # AdamW as one fused kernel over every parameter instead of a loop over tensors: a quarter of
+    # a step's time on a small UNet on the CPU. Equal to the loop up to rounding, so runs that
+    # made shipped models keep the loop and their bytes.
+    fused: bool = False
 
 
 def lr_at(cfg: LoopConfig, step: int) -> float:
@@ -91,7 +95,8 @@ def train(
     process keeps identical weights, and only the main one writes checkpoints and a progress bar."""
     main = accelerator is None or accelerator.is_main_process
     trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            **({"fused": True} if cfg.fused else {}))
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     modules: dict[str, torch.nn.Module] = {"model": model, **({"ema": ema} if ema else {})}
     ckpt = checkpoint_dir / "last"
