@@ -15,6 +15,8 @@ EDITS, QUARANTINE = ROOT / "edits.jsonl", ROOT / "edits_quarantine.jsonl"
 PAIRS = ROOT / "pairs"
 DATASET = ROOT / "dataset"
 BASE, CLIP, WORLD_TRAIN = Path("models/base"), Path("models/clip"), Path("data/world/train")
+# The InstructPix2Pix model and its English + Russian twin (stage ip2p_multilingual).
+IP2P, IP2P_MULTILINGUAL = Path("models/ip2p"), Path("models/ip2p_multilingual")
 
 
 def reason_counts(rejected: Sequence[Rejected]) -> dict[str, int]:

@@ -20,10 +20,10 @@ from manip.training.checkpoint import atomic_write
 
 from ._runner import main
 from .common import require
-from .ip2p_common import CLIP, write_metrics
+from .ip2p_common import CLIP, IP2P, write_metrics
 from .params import Params, load_params
 
-MODEL, JUDGE, TEST = Path("models/ip2p"), Path("models/judge"), Path("data/world/test")
+JUDGE, TEST = Path("models/judge"), Path("data/world/test")
 METRICS = Path("metrics/ip2p_eval.json")
 CURVE = Path("plots/ip2p_tradeoff.csv")
 GRID = Path("plots/ip2p_eval_grid.png")
@@ -40,7 +40,7 @@ def run(params: Params, progress: bool = True) -> dict:
     from manip.world.dataset import load_split
 
     e = params.ip2p.evaluate
-    model = require(MODEL / "model_index.json", "ip2p_finetune").parent
+    model = require(IP2P / "model_index.json", "ip2p_finetune").parent
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(model, safety_checker=None,
                                                                   requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

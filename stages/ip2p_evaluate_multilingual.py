@@ -22,8 +22,7 @@ from manip.training.checkpoint import atomic_write
 
 from ._runner import main
 from .common import require
-from .ip2p_common import CLIP, write_metrics
-from .ip2p_multilingual import IP2P, OUT
+from .ip2p_common import CLIP, IP2P, IP2P_MULTILINGUAL, write_metrics
 from .params import Params, load_params
 
 JUDGE, TEST = Path("models/judge"), Path("data/world/test")
@@ -31,7 +30,8 @@ METRICS = Path("metrics/ip2p_multilingual_eval.json")
 GRID = Path("plots/ip2p_multilingual_grid.png")
 CAPTIONS = Path("plots/ip2p_multilingual_grid_captions.txt")
 # condition -> (model, instruction language)
-CONDITIONS = {"ip2p_en": (IP2P, "en"), "ip2p_multilingual_en": (OUT, "en"), "ip2p_multilingual_ru": (OUT, "ru")}
+CONDITIONS = {"ip2p_en": (IP2P, "en"), "ip2p_multilingual_en": (IP2P_MULTILINGUAL, "en"),
+              "ip2p_multilingual_ru": (IP2P_MULTILINGUAL, "ru")}
 TOLERANCE_POINTS = 5.0
 
 
@@ -63,14 +63,16 @@ def run(params: Params, progress: bool = True) -> dict:
     judge = AttributeJudge.from_pretrained(require(JUDGE / "config.json", "evaluator").parent).eval().to(device())
     s = EvalSettings(e.steps, e.guidance_scale, (e.default_image_guidance,), e.batch_size)
 
+    pipes = {}
+    for model, stage in ((IP2P, "ip2p_finetune"), (IP2P_MULTILINGUAL, "ip2p_multilingual")):
+        pipes[model] = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+            require(model / "model_index.json", stage).parent, safety_checker=None, requires_safety_checker=False)
+        pipes[model].set_progress_bar_config(disable=True)
+        pipes[model].to(device())
     outputs, rows = {}, {}
     for name, (model, language) in CONDITIONS.items():
-        stage = "ip2p_finetune" if model == IP2P else "ip2p_multilingual"
-        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-            require(model / "model_index.json", stage).parent, safety_checker=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.to(device())
-        outputs[name] = run_edits(pipe, in_language[language], params.seed, s, e.default_image_guidance, progress)
+        outputs[name] = run_edits(pipes[model], in_language[language], params.seed, s, e.default_image_guidance,
+                                  progress)
         rows[name] = score(cases, outputs[name], scorer, judge)
     scores = {name: summarise(r) for name, r in rows.items()}
     save_grid(GRID, cases, outputs)

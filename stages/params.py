@@ -352,7 +352,7 @@ class InstructionStudentParams(Strict):
     """The InstructPix2Pix model that reads Russian instructions (stage `ip2p_multilingual`):
     the bilingual student, fine-tuned on the rules backend's instructions in both languages."""
 
-    n_scenes: Pos = 20000  # train-split scenes, one edit each, written in English and in Russian
+    n_scenes: Pos = 20000  # train-split scenes, one edit each (where one applies), in English and in Russian
     n_test: Pos = 1000  # test-split scenes whose instruction pairs measure the held-out error
     train: LoopParams = LoopParams(steps=1500, batch_size=64, lr=3e-4, warmup=50, checkpoint_every=250)
 

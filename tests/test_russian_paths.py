@@ -177,7 +177,9 @@ def test_svdiff_cut_mix_captions_follow_the_template_language(folder, tmp_path):
                                             cutmix_template="{} слева и {} справа"))
     report = sv.fit([russian_concept(), robot], tmp_path / "ckpt")
     assert report.history[-1]["unmix"] > 0
-    assert sv._cut_mix_phrases(russian_concept(), robot) == ("sks корона", "zwx робот")
+    assert set(sv._mixed.captions) == {"sks корона слева и zwx робот справа", "zwx робот слева и sks корона справа"}
+    with pytest.raises(LanguageError, match="mixes"):
+        SVDiff.Config(cutmix_template="{} слева and {} on the right")
 
 
 def test_custom_diffusion_merge_with_russian_templates(folder, tmp_path):

@@ -137,10 +137,14 @@ def merge(base: StableDiffusionPipeline, artifacts: Sequence[Path], templates: S
     concept's phrase, in each of `templates`, the values its own fine-tuned weights gave it."""
     merged = None
     keys, values = [], []
+    parts = [(Path(path), CustomDiffusion.from_manifest(base, Path(path))) for path in artifacts]
+    languages = {template_language(t) for t in templates}
+    for _, part in parts:  # a concept with no noun in a template's language fails before `base` changes
+        for c in part.concepts:
+            for language in languages:
+                c.noun(language)
     c_reg = content_features(base, reg_captions)  # before any new token exists: the base model's captions
-    for path in artifacts:
-        path = Path(path)
-        part = CustomDiffusion.from_manifest(base, path)
+    for path, part in parts:
         merged = merged or CustomDiffusion(base, part.config)
         weights = load_file(str(path / WEIGHTS))
         for c in part.concepts:

@@ -40,6 +40,7 @@ class SVDiffConfig(FitConfig):
             raise ValueError(f"SVDiffConfig.cutmix_template must hold two '{{}}', got {self.cutmix_template!r}")
         if not 0 <= self.cutmix_fraction <= 1 or self.unmix_weight < 0:
             raise ValueError("SVDiffConfig.cutmix_fraction must be in [0, 1] and unmix_weight >= 0")
+        template_language(self.cutmix_template)  # one language, told now rather than at fit time
 
 
 def spectral_layers(unet) -> dict[str, torch.nn.Module]:

@@ -21,13 +21,16 @@ from .rules import RulesEditor
 def parallel_edits(scenes: Sequence[Scene], seed: int, n: int, prefix: str,
                    balanced: bool = False) -> tuple[list[CaptionEdit], list[CaptionEdit]]:
     """English and Russian rules edits of the first `n` scenes, pair i being one edit (same id,
-    same ground truth) in both languages. `balanced` is `RulesEditor.edit_all`'s."""
+    same ground truth) in both languages; a scene no edit kind applies to gives none.
+    `balanced` is `RulesEditor.edit_all`'s."""
     editor = RulesEditor(seed)
     sides = []
     for language in ("en", "ru"):
         edits, _ = editor.edit_all(world_captions(scenes, seed, n, prefix=prefix, language=language), balanced=balanced)
         sides.append(edits)
     english, russian = sides
+    if not english:
+        raise ValueError(f"no edit of the first {n} of {len(scenes)} scenes: nothing to pair")
     if [e.id for e in english] != [e.id for e in russian]:
         raise RuntimeError("the rules backend edited different captions in English and in Russian")
     for en, ru in zip(english, russian):
