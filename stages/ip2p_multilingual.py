@@ -10,7 +10,7 @@ and text-guidance run on. The UNet stays as trained.
 
 Writes models/ip2p_multilingual, a `StableDiffusionInstructPix2PixPipeline` folder whose unet
 and vae are links to models/ip2p's, and metrics/ip2p_multilingual.json with the student's error
-on held-out (test-split) instruction pairs before and after the fine-tune. Checkpoints under
+on the instructions of held-out (test-split) scenes before and after the fine-tune. Checkpoints under
 checkpoints/ip2p_multilingual.
 """
 from __future__ import annotations
