@@ -138,7 +138,7 @@ def merge(base: StableDiffusionPipeline, artifacts: Sequence[Path], templates: S
     merged = None
     keys, values = [], []
     parts = [(Path(path), CustomDiffusion.from_manifest(base, Path(path))) for path in artifacts]
-    languages = {template_language(t) for t in templates}
+    languages = sorted({template_language(t) for t in templates})
     for _, part in parts:  # a concept with no noun in a template's language fails before `base` changes
         for c in part.concepts:
             for language in languages:
@@ -150,9 +150,10 @@ def merge(base: StableDiffusionPipeline, artifacts: Sequence[Path], templates: S
         for c in part.concepts:
             base.load_textual_inversion(str(path / f"{c.placeholder}.safetensors"), token=c.placeholder)
             merged.concepts.append(c)
-            for template in templates:  # the phrase in each template's language
-                phrase = part.phrase(c, template_language(template))
-                k = phrase_features(base, [template.format(phrase)], phrase)
+            for language in languages:  # one batch per language, the phrase written in it
+                phrase = part.phrase(c, language)
+                k = phrase_features(base, [t.format(phrase) for t in templates if template_language(t) == language],
+                                    phrase)
                 keys.append(k)
                 values.append({name: w @ k.T for name, w in weights.items()})
     if merged is None:
