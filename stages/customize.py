@@ -5,8 +5,10 @@ grid per method under plots/customize/.
 A run trains (resuming from checkpoints/customize/<run>/<fingerprint>), saves its artifact to
 models/concepts/<method>/<concept>/ in the format diffusers loads, samples the evaluation prompts
 and writes result.json beside the artifact. A run whose result.json carries the current
-fingerprint (settings, base model, evaluation) is done and skipped, so the stage resumes and the
-Prefect flow can fan runs out as separate processes before `dvc repro customize` records them:
+fingerprint (settings, base model, evaluation, the code under manip/customize and
+manip/training) is done and skipped, so the stage resumes and the Prefect flow can fan runs out
+before `dvc repro customize` records them. Every run trains in a process of its own, here as in
+the flow, so its time and peak memory are its own:
 
     python -m stages.customize                 # every run not yet done, then the aggregate
     python -m stages.customize --run lora/teapot
@@ -21,9 +23,9 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -113,9 +115,21 @@ def method_config(params: Params, run: Run):
         raise StageInputError(f"customize.settings.{run.method}: {err}") from None
 
 
+def code_digest() -> str:
+    """The training and artifact code (manip/customize, manip/training): a run made by other code
+    is not done."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for folder in ("manip/customize", "manip/training"):
+        for path in sorted((root / folder).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def run_fingerprint(params: Params, run: Run, base_digest: str) -> str:
     c = params.customize
-    spec = {"run": run.name, "config": dataclasses.asdict(method_config(params, run)) if not run.combines else
+    spec = {"run": run.name, "code": code_digest(), "config": dataclasses.asdict(method_config(params, run)) if not run.combines else
             [dataclasses.asdict(method_config(params, r)) for r in run.combines],
             "base": base_digest, "encoder": files_digest(ELITE_ENCODER) if run.method == "elite" else None,
             "world": [params.world.artwork_dir, params.world.size], "seed": params.seed,
@@ -426,25 +440,37 @@ def summary(results: dict[str, dict], real: dict[str, dict]) -> dict:
     return {"methods": table, "multi_concept": multi, "drift": drift}
 
 
+def run_alone(name: str) -> str | None:
+    """One run in a process of its own, as the Prefect flow fans them out: its peak memory is its
+    own, not what earlier runs left in the allocator. None when it succeeded, else why not."""
+    code = subprocess.call([sys.executable, "-m", "stages.customize", "--run", name])
+    return None if code == 0 else f"exit status {code} (its error is printed above)"
+
+
 def run(params: Params, only: str | None = None) -> dict | None:
+    from manip.customize import ConceptError
     from manip.training.checkpoint import atomic_write
 
     c = params.customize
     bench = Workbench(params)
-    runs = [find_run(c, only)] if only else [r for wave in plan(c) for r in wave]
+    if only:
+        return execute(bench, find_run(c, only))
     results, failures = {}, {}
-    for r in runs:
+    for r in (r for wave in plan(c) for r in wave):
         try:
-            results[r.name] = execute(bench, r)
-        except Exception as err:  # one run's failure must not stop the others
+            if not is_done(r, run_fingerprint(params, r, bench.base_digest)):
+                error = run_alone(r.name)  # one run's failure must not stop the others
+                if error:
+                    failures[r.name] = error
+                    print(f"customize: run {r.name} failed: {error}", file=sys.stderr)
+                    continue
+            results[r.name] = json.loads((CONCEPTS / r.name / RESULT).read_text())
+        except (StageInputError, ConceptError) as err:  # bad settings: the message says it all
             failures[r.name] = f"{type(err).__name__}: {err}"
-            traceback.print_exc()
             print(f"customize: run {r.name} failed: {failures[r.name]}", file=sys.stderr)
     if failures:
-        raise StageInputError(f"{len(failures)} of {len(runs)} customization runs failed: " +
+        raise StageInputError(f"{len(failures)} of {len(results) + len(failures)} customization runs failed: " +
                               "; ".join(f"{k} ({v})" for k, v in failures.items()))
-    if only:
-        return results[only]
     prune(set(results))
     real = real_rows(bench)
     metrics = {"runs": results, "real": real, **summary(results, real)}

@@ -18,7 +18,8 @@ from manip.customize.cones import Cones, read_neurons, union, union_neurons
 from manip.customize.custom_diffusion import (WEIGHTS as CD_WEIGHTS, CustomDiffusion, closed_form_merge,
                                               cross_attention_kv, merge, phrase_features)
 from manip.customize.svdiff import SVDiff, cut_mix, spectral_layers
-from manip.customize.textual_inversion import TextualInversion
+from manip.customize.base import IDENTIFIER_FILE, identifier_tokens
+from manip.customize.textual_inversion import TextualInversion, class_embedding
 from manip.sampling import generate
 
 PROMPT = "a photo of {} on the beach"
@@ -83,12 +84,13 @@ def test_interrupted_run_resumes_to_the_same_result(method, tmp_path):
 def test_textual_inversion_leaves_every_other_embedding_unchanged(tmp_path):
     pipe = tiny_pipeline()
     before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    start = class_embedding(pipe, concept().class_noun)  # where the new rows begin
     ti = TextualInversion(pipe, TextualInversion.Config(steps=4, batch_size=2, lr=0.5, n_vectors=2))
     ti.fit([concept()], tmp_path / "ckpt")
     after = pipe.text_encoder.get_input_embeddings().weight
     assert after.shape[0] == before.shape[0] + 2
     assert torch.equal(after[: before.shape[0]], before)
-    assert not torch.equal(after[-2:], after[-2:].new_zeros(2, after.shape[1]))
+    assert (after[-2:] != start).any(1).all()  # both new vectors trained
     ti.save(tmp_path / "ti")
     saved = load_file(str(tmp_path / "ti/learned_embeds.safetensors"))
     assert list(saved) == ["<teapot>"] and saved["<teapot>"].shape == (2, after.shape[1])
@@ -99,10 +101,60 @@ def test_textual_inversion_leaves_every_other_embedding_unchanged(tmp_path):
     np.testing.assert_array_equal(generate(fresh, prompt, gen(), steps=3), ti.generate(prompt, gen(), steps=3))
 
 
-def test_placeholder_already_in_vocabulary_is_refused(tmp_path):
-    taken = concept(placeholder="dog")
+@pytest.mark.parametrize("placeholder", ["dog", "teapot"])
+def test_placeholder_already_in_vocabulary_is_refused(placeholder, tmp_path):
+    """A CLIP vocabulary holds whole words as `word</w>` ("teapot" only so): the bare word is
+    taken all the same."""
+    pipe = tiny_pipeline()
+    assert "teapot" not in pipe.tokenizer.get_vocab() and "teapot</w>" in pipe.tokenizer.get_vocab()
     with pytest.raises(ConceptError, match="already exist"):
-        TextualInversion(tiny_pipeline(), config("textual_inversion")).fit([taken], tmp_path)
+        TextualInversion(pipe, config("textual_inversion")).fit([concept(placeholder=placeholder)], tmp_path)
+
+
+def untrained_identifiers(*words: str):
+    """A tiny pipeline whose text encoder never saw `words`: their rows are zero, as every unseen
+    word's is in the embedded model."""
+    pipe = tiny_pipeline()
+    with torch.no_grad():
+        for w in words:
+            pipe.text_encoder.get_input_embeddings().weight[identifier_tokens(pipe.tokenizer, w)] = 0
+    return pipe
+
+
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_untrained_identifiers_get_rows_of_their_own_and_the_artifact_carries_them(method, tmp_path):
+    pair = [concept("teapot", 0), concept("robot", 1, placeholder="<robot>", identifier="zwx")]
+    pipe = untrained_identifiers("sks", "zwx")
+    trained = METHODS[method](pipe, config(method))
+    trained.fit(pair, tmp_path / "ckpt")
+    table = pipe.text_encoder.get_input_embeddings().weight
+    sks, zwx = (table[identifier_tokens(pipe.tokenizer, w)] for w in ("sks", "zwx"))
+    assert sks.any(1).all() and zwx.any(1).all() and not torch.equal(sks[0], zwx[0])
+    trained.save(tmp_path / "artifact")
+    assert sorted(p.name for p in (tmp_path / "artifact").glob("identifier-*")) == [
+        IDENTIFIER_FILE.format("sks"), IDENTIFIER_FILE.format("zwx")]
+    loaded = load_customizer(untrained_identifiers("sks", "zwx"), tmp_path / "artifact")
+    for c in pair:
+        np.testing.assert_array_equal(sample(loaded, c), sample(trained, c))
+    if method == "lora":  # plain diffusers: the LoRA file, and each identifier as a textual inversion
+        plain = untrained_identifiers("sks", "zwx")
+        plain.load_lora_weights(tmp_path / "artifact")
+        for w in ("sks", "zwx"):
+            plain.load_textual_inversion(str(tmp_path / "artifact" / IDENTIFIER_FILE.format(w)), token=w)
+        prompt = [trained.prompt(pair[0], PROMPT)]
+        np.testing.assert_allclose(generate(plain, prompt, [torch.Generator().manual_seed(3)], steps=3),
+                                   sample(trained, pair[0]), atol=2e-5)
+
+
+def test_trained_identifier_rows_are_left_alone(tmp_path):
+    """A model that did train the identifier's row (any real Stable Diffusion) keeps it."""
+    pipe = tiny_pipeline()
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    lora = METHODS["lora"](pipe, config("lora"))
+    lora.fit([concept()], tmp_path / "ckpt")
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, before)
+    lora.save(tmp_path / "artifact")
+    assert not list((tmp_path / "artifact").glob("identifier-*"))
 
 
 def test_dreambooth_prior_preservation_adds_the_class_loss(tmp_path):

@@ -9,7 +9,9 @@ project's training loop (atomic checkpoints, exact resume, progress bar).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
 
 from manip.multilingual.language import PLACEHOLDER_WORD, Language, detect_language
 from manip.prompts import read_prompts
@@ -31,6 +34,7 @@ from manip.training.unet import diffusion_loss
 from .concept import Concept, ConceptError
 
 MANIFEST = "customizer.json"
+IDENTIFIER_FILE = "identifier-{}.safetensors"
 
 
 def template_language(template: str) -> Language:
@@ -120,12 +124,37 @@ def phrase_mask(tokenizer, ids: torch.Tensor, phrase: str) -> torch.Tensor:
     return mask
 
 
+def save_embedding(path: Path, token: str, rows: torch.Tensor) -> None:
+    """diffusers' textual-inversion file, `{token: (n_vectors, dim)}`, which
+    `load_textual_inversion(path, token=token)` reads."""
+    save_file({token: rows.reshape(-1, rows.shape[-1]).detach().cpu().contiguous()}, str(path))
+
+
+def identifier_tokens(tokenizer, identifier: str) -> list[int]:
+    return tokenizer(identifier, add_special_tokens=False).input_ids
+
+
+def identifier_rows(table: torch.Tensor, identifier: str, n: int) -> torch.Tensor:
+    """Fixed embeddings for an identifier's tokens whose rows the text encoder never trained: each
+    dimension drawn from the mean and spread of the trained rows, seeded by the word. They read as
+    a word the model has no meaning for yet, which is what a rare token is in a large model."""
+    trained = table[table.detach().abs().sum(1) > 0].detach().float().cpu()
+    if len(trained) < 2:
+        raise ConceptError("the text encoder's embedding table has no trained rows to draw an identifier's from")
+    seed = int.from_bytes(hashlib.sha256(identifier.encode()).digest()[:8], "little")
+    noise = torch.randn(n, table.shape[1], generator=torch.Generator().manual_seed(seed))
+    return (trained.mean(0) + trained.std(0) * noise).to(table.device, table.dtype)
+
+
 class Customizer(ABC):
     """Teach a pipeline one or more concepts. After `fit` (or `load`) `self.pipe` is the
     customized pipeline; `generate` samples from it with the project's sampler."""
 
     method: ClassVar[str]
     Config: ClassVar[type[FitConfig]] = FitConfig
+    # Prompts name the concept "identifier class-noun" (methods that learn a new token's
+    # embedding set this False and name it by the placeholder).
+    uses_identifier: ClassVar[bool] = True
 
     def __init__(self, pipe: StableDiffusionPipeline, config: FitConfig | None = None):
         self.pipe = pipe
@@ -133,6 +162,7 @@ class Customizer(ABC):
         if not isinstance(self.config, self.Config):
             raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, got {type(self.config).__name__}")
         self.concepts: list[Concept] = []
+        self.bound_identifiers: dict[str, torch.Tensor] = {}  # identifier -> the row it was given
 
     def phrase(self, concept: Concept, language: Language = "en") -> str:
         """How prompts in `language` name the concept; weight-only methods bind a rare token to
@@ -185,6 +215,44 @@ class Customizer(ABC):
             if len(set(values)) != len(values):
                 raise ConceptError(f"concepts trained together need distinct {key}s, got {values}")
 
+    @torch.no_grad()
+    def bind_identifiers(self) -> None:
+        """Give each identifier an embedding of its own where the text encoder has none.
+
+        A text encoder trained on a small vocabulary (the embedded model's) leaves every word it
+        never saw at the zero row, so "sks teapot" would read as a blank token and "teapot", and
+        two concepts' identifiers would be the same vector. Such rows get `identifier_rows`; the
+        artifact carries them (`identifier-<word>.safetensors`). Rows a model did train (any real
+        Stable Diffusion) are left as they are, as DreamBooth intends."""
+        if not self.uses_identifier:
+            return
+        table = self.pipe.text_encoder.get_input_embeddings().weight
+        for c in self.concepts:
+            ids = identifier_tokens(self.pipe.tokenizer, c.identifier)
+            if c.identifier in self.bound_identifiers or table[ids].any(1).all():
+                continue
+            fresh = identifier_rows(table, c.identifier, len(ids))
+            for k, i in enumerate(ids):
+                if not table[i].any():
+                    table[i] = fresh[k]
+            self.bound_identifiers[c.identifier] = table[ids].cpu().clone()
+
+    @torch.no_grad()
+    def load_identifiers(self, directory: Path) -> None:
+        """Put back the identifier rows an artifact carries."""
+        table = self.pipe.text_encoder.get_input_embeddings().weight
+        for c in self.concepts:
+            path = directory / IDENTIFIER_FILE.format(c.identifier)
+            if not path.is_file():
+                continue
+            ids = identifier_tokens(self.pipe.tokenizer, c.identifier)
+            rows = load_file(str(path))[c.identifier].reshape(-1, table.shape[1])
+            if len(rows) != len(ids):
+                raise ValueError(f"{path} holds {len(rows)} rows for identifier {c.identifier!r}, which this "
+                                 f"tokenizer reads as {len(ids)} tokens: the artifact was made for another model")
+            table[ids] = rows.to(table.device, table.dtype)
+            self.bound_identifiers[c.identifier] = rows.clone()
+
     def fit(self, concepts: Sequence[Concept], checkpoint_dir: Path, prior: PriorSet | None = None) -> FitReport:
         """Train on the concepts (several at once: joint multi-concept training) and, when given,
         the prior set; resumes from `checkpoint_dir` if a run with the same settings left one."""
@@ -194,6 +262,7 @@ class Customizer(ABC):
         self.pipe.vae.requires_grad_(False)
         self.pipe.text_encoder.requires_grad_(False)
         self.pipe.unet.requires_grad_(False)
+        self.bind_identifiers()
         captions = self.read([self.prompt(c, t) for c in concepts for t in c.templates])
         self._instance = encode_images(self.pipe, np.concatenate([c.images for c in concepts]), captions)
         self._regular = encode_images(self.pipe, prior.images, prior.captions) if prior is not None else None
@@ -202,15 +271,19 @@ class Customizer(ABC):
                           checkpoint_every=cfg.checkpoint_every, log_every=min(25, cfg.steps), fused=True)
         fingerprint = {"method": self.method, "config": {k: v for k, v in asdict(cfg).items() if k != "steps"},
                        "concepts": [self._concept_meta(c) for c in concepts], "captions": captions,
-                       "prior": prior is not None}
+                       "prior": prior is not None,
+                       "identifier_rows": {w: hashlib.sha256(r.numpy().tobytes()).hexdigest()[:16]
+                                           for w, r in sorted(self.bound_identifiers.items())}}
         with PeakMemory() as peak:
-            state, trainable = self._prepare()
+            started = time.perf_counter()
+            state, trainable = self._prepare()  # Cones' neuron search, SVDiff's SVDs: part of the run's time
+            prepare_seconds = time.perf_counter() - started
             result = train(state, self.batch_loss, loop, Path(checkpoint_dir), params=trainable, desc=self.method,
                            fingerprint=fingerprint)
         self._finish()
         for module in (self.pipe.unet, self.pipe.text_encoder):
             module.eval()
-        return FitReport(history=result.history, seconds=result.seconds, resumed_from=result.resumed_from,
+        return FitReport(history=result.history, seconds=round(result.seconds + prepare_seconds, 2), resumed_from=result.resumed_from,
                          peak_memory_mb=peak.megabytes, trainable_parameters=sum(p.numel() for p in trainable))
 
     def step_rng(self, step: int, stream: int = 0) -> tuple[np.random.Generator, torch.Generator]:
@@ -253,6 +326,9 @@ class Customizer(ABC):
         final = Path(directory)
         tmp = staging_dir(final)
         self._save_artifact(tmp)
+        table = self.pipe.text_encoder.get_input_embeddings().weight
+        for word in self.bound_identifiers:  # the row now: a trained text encoder may have moved it
+            save_embedding(tmp / IDENTIFIER_FILE.format(word), word, table[identifier_tokens(self.pipe.tokenizer, word)])
         manifest = {"method": self.method, "config": asdict(self.config),
                     "concepts": [self._concept_meta(c) for c in self.concepts]}
         atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
@@ -264,6 +340,7 @@ class Customizer(ABC):
         """Apply a saved artifact to `pipe` (a fresh copy of the base the run started from)."""
         directory = Path(directory)
         self = cls.from_manifest(pipe, directory)
+        self.load_identifiers(directory)
         self._load_artifact(directory)
         return self
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 
 from .base import Customizer, FitConfig
+from .concept import ConceptError
 from .custom_diffusion import cross_attention_kv
 
 WEIGHTS = "concept_neurons.safetensors"
@@ -106,7 +107,11 @@ class Cones(Customizer):
     def _prepare(self):
         layers = cross_attention_kv(self.pipe.unet)
         self._scales = torch.nn.ModuleDict()
-        for name, index in self.search().items():
+        neurons = self.search()
+        if not neurons:
+            raise ConceptError("Cones found no concept neurons: no cross-attention channel lowers the concept's loss "
+                               "when switched off (try more search batches, or another concept)")
+        for name, index in neurons.items():
             scale = ChannelScale(index, torch.zeros(len(index), device=index.device))
             parametrize.register_parametrization(layers[name], "weight", scale)
             self._scales[_key(name)] = scale
@@ -176,5 +181,7 @@ def union(pipe, artifacts: list[Path]) -> Cones:
     combined = Cones(pipe, parts[0].config)
     combined.concepts = [c for part in parts for c in part.concepts]
     combined.neurons = union_neurons([read_neurons(Path(a)) for a in artifacts])
+    for a in artifacts:
+        combined.load_identifiers(Path(a))
     apply_neurons(pipe.unet, combined.neurons)
     return combined

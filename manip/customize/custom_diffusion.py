@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from manip.multilingual.language import Language
 
-from .base import Customizer, FitConfig, phrase_mask, template_language, tokenize
+from .base import Customizer, FitConfig, phrase_mask, save_embedding, template_language, tokenize
 from .concept import Concept
 from .textual_inversion import TrainableRows, add_tokens, class_embedding
 
@@ -51,6 +51,7 @@ class CustomDiffusion(Customizer):
     method = "custom_diffusion"
     Config = CustomDiffusionConfig
     config: CustomDiffusionConfig
+    uses_identifier = False
 
     def phrase(self, concept: Concept, language: Language = "en") -> str:
         return f"{concept.placeholder} {concept.noun(language)}"
@@ -75,7 +76,7 @@ class CustomDiffusion(Customizer):
         table = self.pipe.text_encoder.get_input_embeddings().weight
         for c in self.concepts:
             row = table[self.pipe.tokenizer.convert_tokens_to_ids(c.placeholder)]
-            save_file({c.placeholder: row.detach().cpu().clone()}, str(directory / f"{c.placeholder}.safetensors"))
+            save_embedding(directory / f"{c.placeholder}.safetensors", c.placeholder, row)
 
     def _load_artifact(self, directory: Path) -> None:
         load_kv_weights(self.pipe.unet, load_file(str(directory / WEIGHTS)))
@@ -123,7 +124,7 @@ def closed_form_merge(w0: torch.Tensor, c: torch.Tensor, v: torch.Tensor, c_reg:
     are linearly independent (repeated keys with consistent values are fine too)."""
     w0, c, v, c_reg = (x.double() for x in (w0, c, v, c_reg))
     gram = c_reg.T @ c_reg
-    gram = gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    gram = gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     d = torch.linalg.solve(gram, c.T).T  # C (C_reg^T C_reg)^-1, as gram is symmetric
     vt = torch.linalg.lstsq((d @ c.T).T, (v - w0 @ c.T).T).solution.T  # (V - W0 C^T)(d C^T)^-1
     return (w0 + vt @ d).float()
@@ -155,7 +156,7 @@ def merge(base: StableDiffusionPipeline, artifacts: Sequence[Path], templates: S
                 k = phrase_features(base, [t.format(phrase) for t in templates if template_language(t) == language],
                                     phrase)
                 keys.append(k)
-                values.append({name: w @ k.T for name, w in weights.items()})
+                values.append({name: w.to(k) @ k.T for name, w in weights.items()})
     if merged is None:
         raise ValueError("merge needs at least one artifact")
     c = torch.cat(keys)

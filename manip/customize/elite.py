@@ -57,9 +57,9 @@ from manip.world.captions import object_phrase
 from manip.world.dataset import WorldSplit
 from manip.world.vocab import BASE_OBJECTS
 
-from .base import Customizer, FitConfig, FitReport, LatentSet, PriorSet, encode_images, tokenize
+from .base import Customizer, FitConfig, FitReport, LatentSet, PriorSet, encode_images, save_embedding, tokenize
 from .concept import Concept, ConceptError
-from .textual_inversion import WEIGHTS, add_tokens, class_embedding
+from .textual_inversion import add_tokens, class_embedding, embedding_file
 
 LOCAL_SUFFIX = ".local.safetensors"
 
@@ -511,6 +511,7 @@ class Elite(Customizer):
     method = "elite"
     Config = EliteConfig
     config: EliteConfig
+    uses_identifier = False
 
     def __init__(self, pipe: StableDiffusionPipeline, config: EliteConfig | None = None):
         super().__init__(pipe, config)
@@ -576,15 +577,11 @@ class Elite(Customizer):
         with self._state.active(injections):
             return super().generate(prompts, generators, steps=steps, guidance_scale=guidance_scale)
 
-    def _embedding_file(self, concept: Concept) -> str:
-        """Textual Inversion's names: `load_textual_inversion(directory)` finds a single concept."""
-        return WEIGHTS if len(self.concepts) == 1 else f"{concept.name}.safetensors"
-
     def _save_artifact(self, directory: Path) -> None:
         table = self.pipe.text_encoder.get_input_embeddings().weight
         for c, local in zip(self.concepts, self._locals):
             row = table[self.pipe.tokenizer.convert_tokens_to_ids(c.placeholder)]
-            save_file({c.placeholder: row[None].detach().cpu().clone()}, str(directory / self._embedding_file(c)))
+            save_embedding(directory / embedding_file(self.concepts, c), c.placeholder, row)
             tensors = {**{f"{n}.key": t.cpu().contiguous() for n, t in local.keys.items()},
                        **{f"{n}.value": t.cpu().contiguous() for n, t in local.values.items()}}
             save_file(tensors, str(directory / f"{c.name}{LOCAL_SUFFIX}"))
@@ -593,7 +590,7 @@ class Elite(Customizer):
         layers = cross_attention_layers(self.pipe.unet)
         device, dtype = self.pipe.unet.device, self.pipe.unet.dtype
         for c in self.concepts:
-            self.pipe.load_textual_inversion(str(directory / self._embedding_file(c)), token=c.placeholder)
+            self.pipe.load_textual_inversion(str(directory / embedding_file(self.concepts, c)), token=c.placeholder)
             stored = load_file(str(directory / f"{c.name}{LOCAL_SUFFIX}"))
             missing = [n for n in layers if f"{n}.key" not in stored or f"{n}.value" not in stored]
             if missing:

@@ -168,7 +168,7 @@ def apply_shifts(unet, shifts: dict[str, torch.Tensor]) -> None:
         key = name.replace(".", "/")
         if key in shifts:
             u, s, vh = (x.to(layer.weight.dtype) for x in _svd(layer.weight))
-            layer.weight.copy_(shifted(u, s, vh, shifts[key].to(layer.weight.dtype)).reshape(layer.weight.shape))
+            layer.weight.copy_(shifted(u, s, vh, shifts[key].to(layer.weight)).reshape(layer.weight.shape))
 
 
 def cut_mix(left: np.ndarray, right: np.ndarray) -> np.ndarray:

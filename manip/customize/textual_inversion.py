@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from manip.multilingual.language import Language
 
-from .base import Customizer, FitConfig
+from .base import Customizer, FitConfig, save_embedding
 from .concept import Concept, ConceptError
 
 WEIGHTS = "learned_embeds.safetensors"
@@ -38,10 +37,18 @@ def placeholder_tokens(concept: Concept, n_vectors: int) -> list[str]:
     return [concept.placeholder] + [f"{concept.placeholder}_{i}" for i in range(1, n_vectors)]
 
 
+def embedding_file(concepts: list[Concept], concept: Concept) -> str:
+    """diffusers' name for a single concept's file, so `load_textual_inversion(directory)` finds
+    it; one file per concept name when there are several."""
+    return WEIGHTS if len(concepts) == 1 else f"{concept.name}.safetensors"
+
+
 def add_tokens(pipe, tokens: list[str], init: torch.Tensor | None = None) -> list[int]:
     """Add new tokens with embeddings `init` (rows, or one row broadcast); refuses a token the
-    vocabulary already has, which would silently retrain a real word."""
-    taken = [t for t in tokens if t in pipe.tokenizer.get_vocab()]
+    vocabulary already has, which would silently retrain a real word (a CLIP vocabulary keeps
+    whole words as `word</w>`)."""
+    vocab = pipe.tokenizer.get_vocab()
+    taken = [t for t in tokens if t in vocab or f"{t}</w>" in vocab]
     if taken:
         raise ConceptError(f"placeholder token(s) {taken} already exist in the tokenizer's vocabulary; "
                            "choose a new string such as '<my-concept>'")
@@ -87,6 +94,7 @@ class TextualInversion(Customizer):
     method = "textual_inversion"
     Config = TextualInversionConfig
     config: TextualInversionConfig
+    uses_identifier = False
 
     def phrase(self, concept: Concept, language: Language = "en") -> str:
         return concept.placeholder
@@ -110,10 +118,8 @@ class TextualInversion(Customizer):
 
     def _save_artifact(self, directory: Path) -> None:
         for c in self.concepts:
-            name = WEIGHTS if len(self.concepts) == 1 else f"{c.name}.safetensors"
-            save_file({c.placeholder: self.learned_embeddings(c)}, str(directory / name))
+            save_embedding(directory / embedding_file(self.concepts, c), c.placeholder, self.learned_embeddings(c))
 
     def _load_artifact(self, directory: Path) -> None:
         for c in self.concepts:
-            name = WEIGHTS if len(self.concepts) == 1 else f"{c.name}.safetensors"
-            self.pipe.load_textual_inversion(str(directory / name), token=c.placeholder)
+            self.pipe.load_textual_inversion(str(directory / embedding_file(self.concepts, c)), token=c.placeholder)
