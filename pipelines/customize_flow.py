@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from .artifacts import grid_data_uri
-from .dvc_tasks import dag_order, dvc_env, reproduce, stage_is_current, stream_command
+from .dvc_tasks import GPU_SLOTS, dag_order, dvc_env, reproduce, stage_is_current, stream_command
 
 STAGE = "customize"
 METRICS = Path("metrics/customize.json")
@@ -37,8 +37,10 @@ class CustomizeRunsFailed(RuntimeError):
 
 @task(name="customize-run", task_run_name="customize {run}", tags=["gpu"], cache_policy=NONE)
 def customize_run(repo: Path, run: str) -> dict:
-    """One run in its own process: trains (resuming from its checkpoint), saves, evaluates."""
-    stream_command([sys.executable, "-m", "stages.customize", "--run", run], repo, STAGE)
+    """One run in its own process, on a GPU of its own: trains (resuming from its checkpoint),
+    saves, evaluates."""
+    with GPU_SLOTS.claim() as env:
+        stream_command([sys.executable, "-m", "stages.customize", "--run", run], repo, STAGE, env=env)
     return json.loads((repo / CONCEPTS / run / "result.json").read_text())
 
 

@@ -15,10 +15,12 @@ import os
 import re
 import subprocess
 import sys
+import queue
 import threading
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import yaml
 from filelock import FileLock
@@ -139,13 +141,62 @@ def stream_dvc(args: list[str], repo: Path, stage: str = "") -> list[str]:
         return stream_command(dvc_command(*args), repo, stage, shown=["dvc", *args])
 
 
-def stream_command(cmd: list[str], repo: Path, stage: str = "", shown: list[str] | None = None) -> list[str]:
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+class GpuSlots:
+    """One GPU for each `gpu`-tagged task of this flow process that runs at once.
+
+    The tag's concurrency limit (the machine's GPU count) says how many such tasks run, not on
+    which device: a child process that sees every GPU puts its work on cuda:0, so N runs would
+    share one card while the others idle. A task claims a free device for its child
+    (`CUDA_VISIBLE_DEVICES`, within any list the worker itself was given) and waits while none is
+    free; with one GPU or none nothing changes."""
+
+    def __init__(self, count: Callable[[], int] = cuda_device_count):
+        self._count = count
+        self._free: queue.Queue[str] | None = None  # empty forever with one GPU or none
+        self._shared = True
+        self._lock = threading.Lock()
+
+    def _pool(self) -> queue.Queue[str]:
+        with self._lock:
+            if self._free is None:
+                visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+                devices = visible or [str(i) for i in range(self._count())]
+                self._free, self._shared = queue.Queue(), len(devices) < 2
+                for d in devices if not self._shared else []:
+                    self._free.put(d)
+            return self._free
+
+    @contextmanager
+    def claim(self) -> Iterator[dict[str, str]]:
+        """Environment for the child: its own GPU, or nothing to add."""
+        pool = self._pool()
+        if self._shared:
+            yield {}
+            return
+        device = pool.get()
+        try:
+            yield {"CUDA_VISIBLE_DEVICES": device}
+        finally:
+            pool.put(device)
+
+
+GPU_SLOTS = GpuSlots()
+
+
+def stream_command(cmd: list[str], repo: Path, stage: str = "", shown: list[str] | None = None,
+                   env: dict[str, str] | None = None) -> list[str]:
     """`stream_dvc` for any command of the project's interpreter environment (a stage module
-    run directly, e.g. one partition of a sharded stage)."""
+    run directly, e.g. one partition of a sharded stage); `env` adds to its environment."""
     log = _logger()
     stdout: list[str] = []
     stderr: deque[str] = deque(maxlen=TAIL_LINES)
-    proc = subprocess.Popen(cmd, cwd=repo, env=dvc_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=repo, env={**dvc_env(), **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1,
                             errors="replace")
     progress = Progress(stage or " ".join(shown or cmd))

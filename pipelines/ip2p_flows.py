@@ -22,7 +22,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from .artifacts import grid_data_uri
-from .dvc_tasks import dag_order, dvc_command, dvc_env, reproduce, stage_is_current, stream_command, stream_dvc
+from .dvc_tasks import (GPU_SLOTS, dag_order, dvc_command, dvc_env, reproduce, stage_is_current, stream_command,
+                        stream_dvc)
 
 DATASET = "data/ip2p/dataset"
 MODEL = Path("models/ip2p")
@@ -33,9 +34,11 @@ EVAL_METRICS, EVAL_GRID = Path("metrics/ip2p_eval.json"), Path("plots/ip2p_eval_
 @task(name="ip2p-pairs-partition", task_run_name="pairs partition {partition}/{n_partitions}", tags=["gpu"],
       retries=1, retry_delay_seconds=10, cache_policy=NONE)
 def pairs_partition(repo: Path, partition: int, n_partitions: int) -> None:
-    """One worker's share of the pair shards; a retry resumes at its first missing shard."""
-    stream_command([sys.executable, "-m", "stages.ip2p_pairs", "--partition", str(partition),
-                    "--n-partitions", str(n_partitions)], repo, "ip2p_pairs")
+    """One worker's share of the pair shards, on a GPU of its own; a retry resumes at its first
+    missing shard."""
+    with GPU_SLOTS.claim() as env:
+        stream_command([sys.executable, "-m", "stages.ip2p_pairs", "--partition", str(partition),
+                        "--n-partitions", str(n_partitions)], repo, "ip2p_pairs", env=env)
 
 
 @task(name="publish-ip2p-dataset", cache_policy=NONE)
