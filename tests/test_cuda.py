@@ -145,3 +145,40 @@ def test_scorers_match_cpu(tmp_path):
                                atol=1e-4, rtol=1e-4)
     for k, v in predict(judge.to(CUDA), images).items():
         assert v.shape == (6, *v.shape[1:]), k
+
+
+@pytest.mark.parametrize("method", ["dreambooth", "custom_diffusion", "svdiff", "cones", "lora", "textual_inversion"])
+def test_customization_artifacts_load_and_merge_on_the_gpu(method, tmp_path):
+    """Artifacts trained on the CPU (one with untrained identifier rows, as the embedded model's
+    are) load into a pipeline on the GPU and draw what they draw on the CPU; Custom Diffusion's
+    closed-form merge runs with the base model on the GPU."""
+    from manip.customize import METHODS, Concept, load_customizer
+    from manip.customize.base import identifier_tokens
+    from manip.customize.custom_diffusion import merge
+
+    prompt = "a photo of {} on the beach"
+    concepts = [Concept(name=n, images=np.random.default_rng(i).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
+                        templates=(prompt,) * 2, class_noun="dog", placeholder=f"<{n}>", identifier=w)
+                for i, (n, w) in enumerate((("teapot", "sks"), ("robot", "zwx")))]
+    extra = {"search_rounds": 1, "neurons_per_round": 4, "search_batches": 1} if method == "cones" else {}
+    cpu, _ = pair()
+    with torch.no_grad():
+        for c in concepts:
+            cpu.text_encoder.get_input_embeddings().weight[identifier_tokens(cpu.tokenizer, c.identifier)] = 0
+    blank = copy.deepcopy(cpu)
+    folders = []
+    for c in concepts[: 2 if method == "custom_diffusion" else 1]:
+        trained = METHODS[method](copy.deepcopy(blank), METHODS[method].Config(steps=2, batch_size=2, lr=1e-2, **extra))
+        trained.fit([c], tmp_path / f"ckpt-{c.name}")
+        folders.append(trained.save(tmp_path / c.name))
+    gens = lambda: [torch.Generator().manual_seed(4)]  # noqa: E731
+    on_cpu = load_customizer(copy.deepcopy(blank), folders[0])
+    on_gpu = load_customizer(copy.deepcopy(blank).to(CUDA), folders[0])
+    text = [on_cpu.prompt(concepts[0], prompt)]
+    close_images(on_cpu.generate(text, gens(), steps=6), on_gpu.generate(text, gens(), steps=6))
+    if method == "custom_diffusion":
+        templates, reg = [prompt], ["a photo of a dog on the beach", "a photo of a cat in the snow"]
+        merged_cpu = merge(copy.deepcopy(blank), folders, templates, reg)
+        merged_gpu = merge(copy.deepcopy(blank).to(CUDA), folders, templates, reg)
+        text = [merged_cpu.prompt(concepts[1], prompt)]
+        close_images(merged_cpu.generate(text, gens(), steps=6), merged_gpu.generate(text, gens(), steps=6))
