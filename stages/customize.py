@@ -43,6 +43,9 @@ ELITE_ENCODER = Path("models/elite_encoder")
 CONCEPTS = Path("models/concepts")
 CKPT = Path("checkpoints/customize")
 PRIOR_CACHE = Path("checkpoints/customize/prior")
+# How the class-image cache stores images. It is part of the cache key and of DreamBooth runs'
+# fingerprints, so that images cached in an older layout are neither read nor counted as trained on.
+CLASS_IMAGE_FORMAT = "uint8 NHWC, C order"
 METRICS = Path("metrics/customize.json")
 GRIDS = Path("plots/customize")
 RESULT = "result.json"
@@ -134,6 +137,7 @@ def run_fingerprint(params: Params, run: Run, base_digest: str) -> str:
             "base": base_digest, "encoder": files_digest(ELITE_ENCODER) if run.method == "elite" else None,
             "world": [params.world.artwork_dir, params.world.size], "seed": params.seed,
             "references": c.n_references, "prior": c.prior_images, "regularisation": c.regularisation_images,
+            "class_images": CLASS_IMAGE_FORMAT if run.method == "dreambooth" and run.variant != "no_prior" else None,
             "evaluate": c.evaluate.model_dump()}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -200,13 +204,13 @@ class Workbench:
     def class_images(self, captions: list[str]):
         import numpy as np
         import torch
-        from safetensors.numpy import load_file, save_file
+        from safetensors.numpy import load_file
 
         from manip.training.checkpoint import atomic_write
 
         e = self.params.customize.evaluate
-        key = hashlib.sha256(json.dumps([self.base_digest, captions, e.steps, e.guidance_scale, self.params.seed])
-                             .encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([self.base_digest, captions, e.steps, e.guidance_scale, self.params.seed,
+                                         CLASS_IMAGE_FORMAT]).encode()).hexdigest()[:16]
         path = PRIOR_CACHE / f"{key}.safetensors"
         if path.is_file():
             return load_file(str(path))["images"]
@@ -214,9 +218,7 @@ class Workbench:
                       for i in range(len(captions))]
         images = self.sample(self.base(), captions, generators)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"images": images}, str(tmp))
-        tmp.replace(path)
+        save_images(path, images)
         atomic_write(path.with_suffix(".json"), json.dumps(captions, indent=1))
         return images
 
@@ -233,6 +235,18 @@ class Workbench:
         return np.concatenate([draw(prompts[i : i + e.batch_size], generators[i : i + e.batch_size],
                                     steps=e.steps, guidance_scale=e.guidance_scale)
                                for i in range(0, len(prompts), e.batch_size)])
+
+
+def save_images(path: Path, images: np.ndarray) -> None:
+    """uint8 NHWC images as safetensors, written whole, then renamed into place. safetensors
+    writes an array's memory as it lies, whatever its strides, and decoded samples are a permuted
+    view of NCHW memory: saved as they come, they read back as 3 x 3 tiles of single channels."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({"images": np.ascontiguousarray(images)}, str(tmp))
+    tmp.replace(path)
 
 
 def generators_for(seed: int, group: int, n_cases: int, per_case: int):

@@ -145,3 +145,17 @@ def test_elite_encoder_stage_then_a_one_image_elite_run(tiny_world, tmp_path):
     result = json.loads((root / "models/concepts/elite/teapot/result.json").read_text())
     assert result["trainable_parameters"] == 0 and result["resumed_from"] == 0
     assert (root / "models/concepts/elite/teapot/learned_embeds.safetensors").is_file()
+
+
+def test_class_image_cache_keeps_strided_images_intact(tmp_path):
+    """Decoded samples are a permuted (strided) view; the cache must read back the same pixels."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import load_file
+
+    from stages.customize import save_images
+
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).reshape(2, 3, 8, 8).permute(0, 2, 3, 1).numpy()
+    assert not images.flags["C_CONTIGUOUS"]
+    save_images(tmp_path / "cache.safetensors", images)
+    np.testing.assert_array_equal(load_file(str(tmp_path / "cache.safetensors"))["images"], images)
