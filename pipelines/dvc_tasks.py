@@ -158,25 +158,27 @@ class GpuSlots:
 
     def __init__(self, count: Callable[[], int] = cuda_device_count):
         self._count = count
-        self._free: queue.Queue[str] | None = None  # empty forever with one GPU or none
-        self._shared = True
+        self._free: queue.Queue[str] | None = None  # None: one GPU or none, nothing to share out
+        self._read = False
         self._lock = threading.Lock()
 
-    def _pool(self) -> queue.Queue[str]:
+    def _pool(self) -> queue.Queue[str] | None:
         with self._lock:
-            if self._free is None:
+            if not self._read:
                 visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
                 devices = visible or [str(i) for i in range(self._count())]
-                self._free, self._shared = queue.Queue(), len(devices) < 2
-                for d in devices if not self._shared else []:
-                    self._free.put(d)
+                if len(devices) > 1:
+                    self._free = queue.Queue()
+                    for d in devices:
+                        self._free.put(d)
+                self._read = True
             return self._free
 
     @contextmanager
     def claim(self) -> Iterator[dict[str, str]]:
         """Environment for the child: its own GPU, or nothing to add."""
         pool = self._pool()
-        if self._shared:
+        if pool is None:
             yield {}
             return
         device = pool.get()

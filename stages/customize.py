@@ -132,8 +132,9 @@ def code_digest() -> str:
 
 def run_fingerprint(params: Params, run: Run, base_digest: str) -> str:
     c = params.customize
-    spec = {"run": run.name, "code": code_digest(), "config": dataclasses.asdict(method_config(params, run)) if not run.combines else
-            [dataclasses.asdict(method_config(params, r)) for r in run.combines],
+    configs = ([dataclasses.asdict(method_config(params, r)) for r in run.combines] if run.combines else
+               dataclasses.asdict(method_config(params, run)))
+    spec = {"run": run.name, "code": code_digest(), "config": configs,
             "base": base_digest, "encoder": files_digest(ELITE_ENCODER) if run.method == "elite" else None,
             "world": [params.world.artwork_dir, params.world.size], "seed": params.seed,
             "references": c.n_references, "prior": c.prior_images, "regularisation": c.regularisation_images,
