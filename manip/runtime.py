@@ -30,9 +30,24 @@ def device() -> torch.device:
     return dev
 
 
+def release_free_heap() -> None:
+    """Hand the allocator's free pages back to the OS (glibc only). Memory that earlier work
+    freed stays resident in the heap and would be reused silently, hiding what the next block
+    allocates from a resident-set measurement."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measurement is a lower bound
+        pass
+
+
 class PeakMemory:
     """Peak memory of the work inside the block, in MB: allocated CUDA memory on a GPU, else
-    the process's resident set sampled every 20 ms (above what it held on entry)."""
+    the process's resident set sampled every 20 ms, above what it held on entry once free heap
+    pages are handed back."""
 
     def __init__(self, interval: float = 0.02):
         self.interval = interval
@@ -49,6 +64,7 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated()
             return self
         self._proc = psutil.Process()
+        release_free_heap()
         self._start = self._proc.memory_info().rss
         self._peak = self._start
         self._stop = threading.Event()
