@@ -126,8 +126,14 @@ def customize_rows(metrics: dict) -> list[dict]:
             for method, values in metrics.get("methods", {}).items()]
 
 
+MULTI_COLUMNS = ("both_present", "both_in_place", "clip_t", "seconds")
+
+
 def customize_multi_rows(metrics: dict) -> list[dict]:
-    return [{"run": run, **values} for run, values in metrics.get("multi_concept", {}).items()]
+    """One row per multi-concept run, then the pair's ceilings (`real/...`, `base/...`), which
+    train nothing and so have no seconds."""
+    return [{"run": run, **{k: values.get(k, "") for k in MULTI_COLUMNS}}
+            for run, values in metrics.get("multi_concept", {}).items()]
 
 
 def customize_drift_rows(metrics: dict) -> list[dict]:

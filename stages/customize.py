@@ -68,7 +68,7 @@ class Run:
         return f"{self.folder}/{'+'.join(self.concepts)}"
 
     @property
-    def combines(self) -> tuple["Run", ...]:
+    def combines(self) -> tuple[Run, ...]:
         """The single-concept runs whose artifacts this run combines without training."""
         if self.variant in ("merge", "union"):
             return tuple(Run(self.method, (c,)) for c in self.concepts)
@@ -259,6 +259,14 @@ def generators_for(seed: int, group: int, n_cases: int, per_case: int):
             for c in range(n_cases) for s in range(per_case)]
 
 
+def pair_group(first: str, second: str) -> int:
+    """The noise group of a pair's prompts: every multi-concept run, and the base model's
+    class-noun probe, sample them from the same noise."""
+    from manip.customize.world import WORLD_CONCEPTS
+
+    return 100 + WORLD_CONCEPTS.index(first) * 10 + WORLD_CONCEPTS.index(second)
+
+
 def evaluate_run(bench: Workbench, customizer, run: Run) -> tuple[dict, np.ndarray]:
     """Scores of a finished customizer on its evaluation prompts (and, for one concept, the
     language-drift probe on class prompts)."""
@@ -272,8 +280,7 @@ def evaluate_run(bench: Workbench, customizer, run: Run) -> tuple[dict, np.ndarr
         a, b = (next(c for c in customizer.concepts if c.name == n) for n in run.concepts)
         prompts = [case.template.format(customizer.phrase(a), customizer.phrase(b)) for case in cases for _ in range(k)]
         texts = [case.template.format(*run.concepts) for case in cases for _ in range(k)]
-        group = 100 + WORLD_CONCEPTS.index(run.concepts[0]) * 10 + WORLD_CONCEPTS.index(run.concepts[1])
-        images = bench.sample(customizer, prompts, generators_for(p.seed, group, len(cases), k))
+        images = bench.sample(customizer, prompts, generators_for(p.seed, pair_group(*run.concepts), len(cases), k))
         return pair_scores(bench.scorers, images, [c.scene for c in cases for _ in range(k)], texts), images
     wc = bench.concept(run.concepts[0])
     concept, cases = customizer.concepts[0], wc.cases[: e.n_prompts]
@@ -432,7 +439,32 @@ def real_rows(bench: Workbench) -> dict[str, dict]:
     return rows
 
 
-def summary(results: dict[str, dict], real: dict[str, dict]) -> dict:
+def pair_rows(bench: Workbench) -> dict[str, dict]:
+    """What the multi-concept table is measured against, per pair: exact renders of the pair's
+    prompts (`real/<a>+<b>`), and the base model asked for the two concepts' class nouns in the
+    same scenes (`base/<class a>+<class b>`): whether this model draws two objects side by side
+    at all, before any concept is learnt."""
+    from manip.customize.evaluate import pair_scores
+    from manip.customize.world import CLASS_NOUNS, pair_cases
+    from manip.world import caption
+
+    p, e = bench.params, bench.params.customize.evaluate
+    k = e.images_per_prompt
+    base, rows = None, {}
+    for a, b in p.customize.pairs:
+        cases = pair_cases(a, b, e.n_prompts, p.seed)
+        scenes = [c.scene for c in cases for _ in range(k)]
+        texts = [c.template.format(a, b) for c in cases for _ in range(k)]
+        rows[f"real/{a}+{b}"] = pair_scores(bench.scorers, real_renders(bench, scenes), scenes, texts)
+        classes = [replace(s, objects=tuple(replace(o, name=CLASS_NOUNS[o.name]) for o in s.objects)) for s in scenes]
+        prompts = [caption(s) for s in classes]
+        base = base or bench.base()
+        images = bench.sample(base, prompts, generators_for(p.seed, pair_group(a, b), len(cases), k))
+        rows[f"base/{CLASS_NOUNS[a]}+{CLASS_NOUNS[b]}"] = pair_scores(bench.scorers, images, classes, prompts)
+    return rows
+
+
+def summary(results: dict[str, dict], real: dict[str, dict], pairs: dict[str, dict]) -> dict:
     """Per method, the mean over its single-concept runs of every score; multi-concept and drift
     tables beside."""
     import numpy as np
@@ -452,7 +484,7 @@ def summary(results: dict[str, dict], real: dict[str, dict]) -> dict:
             table[method][k] = round(float(np.mean([r[k] for r in rows])), 1)
     keys = list(next(iter(real.values())))
     table["real"] = {k: round(float(np.mean([r[k] for r in real.values()])), 4) for k in keys}
-    return {"methods": table, "multi_concept": multi, "drift": drift}
+    return {"methods": table, "multi_concept": {**multi, **pairs}, "drift": drift}
 
 
 def run_alone(name: str) -> str | None:
@@ -488,7 +520,7 @@ def run(params: Params, only: str | None = None) -> dict | None:
                               "; ".join(f"{k} ({v})" for k, v in failures.items()))
     prune(set(results))
     real = real_rows(bench)
-    metrics = {"runs": results, "real": real, **summary(results, real)}
+    metrics = {"runs": results, "real": real, **summary(results, real, pair_rows(bench))}
     method_grids(params, results)
     atomic_write(METRICS, json.dumps(metrics, indent=1))
     print(json.dumps(metrics["methods"], indent=1))

@@ -68,7 +68,9 @@ def test_aggregate_metrics_and_grids(project):
     assert set(metrics["methods"]) == {*CUSTOMIZE["methods"], "real"}
     assert set(metrics["real"]) == set(CUSTOMIZE["concepts"])
     assert set(metrics["multi_concept"]) == {"custom_diffusion/teapot+robot", "custom_diffusion_merge/teapot+robot",
-                                             "cones_union/teapot+robot"}
+                                             "cones_union/teapot+robot", "real/teapot+robot", "base/crown+car"}
+    for reference in ("real/teapot+robot", "base/crown+car"):  # the pair's ceilings, scored like the runs
+        assert set(metrics["multi_concept"][reference]) == {"both_present", "both_in_place", "clip_t"}
     for method in ("textual_inversion", "custom_diffusion", "custom_diffusion_merge", "cones", "cones_union"):
         assert (project / "plots/customize" / f"{method}.png").is_file()
 

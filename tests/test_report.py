@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipelines.report import EDIT_TABLE_METRICS, edit_rows, main, markdown_table, summary
+from pipelines.report import EDIT_TABLE_METRICS, customize_multi_rows, edit_rows, main, markdown_table, summary
 
 METRICS = {
     "n_cases": 2, "complete": True,
@@ -108,3 +108,14 @@ def test_edit_runs_tables_and_summary(tmp_path, capsys):
     assert [line.split()[1] for line in text.splitlines() if line.startswith("  editing ")] == [
         "imagic", "instruct-pix2pix"]
     assert "--edit-runs-table" in text
+
+
+def test_customize_multi_table_keeps_the_ceilings_without_seconds():
+    metrics = {"multi_concept": {
+        "lora/teapot+robot": {"both_present": 0.0, "both_in_place": 0.0, "clip_t": 0.8, "seconds": 95.4},
+        "real/teapot+robot": {"both_present": 0.825, "both_in_place": 0.825, "clip_t": 0.9},
+    }}
+    table = markdown_table(customize_multi_rows(metrics)).splitlines()
+    assert table[0] == "| run | both_present | both_in_place | clip_t | seconds |"
+    assert table[2] == "| lora/teapot+robot | 0 | 0 | 0.8 | 95.4 |"
+    assert table[3] == "| real/teapot+robot | 0.825 | 0.825 | 0.9 |  |"
