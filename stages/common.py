@@ -16,6 +16,8 @@ from manip.training.loop import LoopConfig
 from ._runner import StageInputError
 from .params import LoopParams
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def loop_config(p: LoopParams) -> LoopConfig:
     set_threads()
@@ -72,4 +74,18 @@ def files_digest(folder: Path) -> str:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         h.update(str(path.relative_to(folder)).encode())
         h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def code_digest(*paths: str) -> str:
+    """The Python source under `paths` (files or folders of this checkout, whatever the working
+    directory): resumable work, shards and runs, made by other code is not reused. List the same
+    code as the stage's DVC deps: DVC reruns the stage when that code changes, and this makes the
+    rerun redo the work instead of finding it done."""
+    h = hashlib.sha256()
+    for rel in paths:
+        target = ROOT / rel
+        for path in sorted(target.rglob("*.py")) if target.is_dir() else [target]:
+            h.update(str(path.relative_to(ROOT)).encode())
+            h.update(path.read_bytes())
     return h.hexdigest()[:16]

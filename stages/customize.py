@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._runner import StageInputError, main
-from .common import files_digest, require
+from .common import code_digest, files_digest, require
 from .params import CustomizeParams, Params, load_params
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ GRIDS = Path("plots/customize")
 RESULT = "result.json"
 SAMPLES = "samples.png"
 JOINT_METHODS = ("dreambooth", "custom_diffusion", "svdiff", "lora")  # fit on two concepts at once
+TRAINING_CODE = ("manip/customize", "manip/training")  # a run made by other code is not done
 
 
 @dataclass(frozen=True)
@@ -118,23 +119,11 @@ def method_config(params: Params, run: Run):
         raise StageInputError(f"customize.settings.{run.method}: {err}") from None
 
 
-def code_digest() -> str:
-    """The training and artifact code (manip/customize, manip/training): a run made by other code
-    is not done."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for folder in ("manip/customize", "manip/training"):
-        for path in sorted((root / folder).rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def run_fingerprint(params: Params, run: Run, base_digest: str) -> str:
     c = params.customize
     configs = ([dataclasses.asdict(method_config(params, r)) for r in run.combines] if run.combines else
                dataclasses.asdict(method_config(params, run)))
-    spec = {"run": run.name, "code": code_digest(), "config": configs,
+    spec = {"run": run.name, "code": code_digest(*TRAINING_CODE), "config": configs,
             "base": base_digest, "encoder": files_digest(ELITE_ENCODER) if run.method == "elite" else None,
             "world": [params.world.artwork_dir, params.world.size], "seed": params.seed,
             "references": c.n_references, "prior": c.prior_images, "regularisation": c.regularisation_images,

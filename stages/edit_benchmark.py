@@ -22,7 +22,7 @@ from manip.runtime import device, set_threads
 from manip.training.checkpoint import atomic_write
 
 from ._runner import main
-from .common import require
+from .common import code_digest, require
 from .params import EditBenchmarkParams, Params, load_params
 
 BASE, CLIP, JUDGE = Path("models/base"), Path("models/clip"), Path("models/judge")
@@ -31,6 +31,9 @@ WORK = Path("data/edit_benchmark")
 METRICS = Path("metrics/edit_benchmark.json")
 CASES_CSV = Path("plots/edit_benchmark_cases.csv")
 GRID = Path("plots/edit_grid.png")
+# What a shard's content comes from, as in dvc.yaml's deps: shards made by other code are redone.
+CODE = ("manip/editing", "manip/metrics", "manip/sampling.py", "manip/prompts.py", "manip/multilingual/language.py",
+        "manip/multilingual/russian.py", "manip/world")
 
 
 def settings(bench: EditBenchmarkParams) -> BenchmarkSettings:
@@ -62,7 +65,7 @@ def run(params: Params, progress: bool = True) -> dict:
 
     cases = build_cases(test.scenes, params.seed, bench.n_cases)
     methods = list(bench.inversions)
-    runner = EditBenchmark(pipe, renderer, scorer, judge, settings(bench), WORK)
+    runner = EditBenchmark(pipe, renderer, scorer, judge, settings(bench), WORK, code=code_digest(*CODE))
     summary = runner.run(cases, methods, limit=bench.limit_per_run, progress=progress)
     records = runner.records(cases, methods)
 

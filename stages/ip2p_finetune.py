@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ._runner import StageInputError, main
-from .common import fingerprint, loop_config, publish, require, save_pretrained
+from .common import code_digest, fingerprint, loop_config, publish, require, save_pretrained
 from .ip2p_common import BASE, DATASET
 from .params import Params, load_params
 
@@ -23,6 +23,9 @@ OUT = Path("models/ip2p")
 CKPT = Path("checkpoints/ip2p")
 METRICS = Path("metrics/ip2p_finetune.json")
 PLOT = Path("plots/ip2p_finetune_loss.csv")
+# The training code, as in dvc.yaml's deps: a checkpoint other code left (finished, perhaps) is
+# not resumed, so a rerun after a change to it trains afresh instead of republishing old weights.
+CODE = ("manip/ip2p/finetune.py", "manip/training/loop.py", "manip/training/unet.py")
 
 
 def load_pairs(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -66,7 +69,7 @@ def run(params: Params) -> dict | None:
     unet = widen_conv_in(base.unet)
     dropout = DropoutSettings(f.text_drop, f.image_drop, f.both_drop)
     # The data's identity, not the process count: a run may resume with more or fewer processes.
-    fp = {**fingerprint(f, params.seed), "dataset": dataset_digest(DATASET)}
+    fp = {**fingerprint(f, params.seed), "dataset": dataset_digest(DATASET), "code": code_digest(*CODE)}
     try:
         result = finetune(unet, training_scheduler(), data, loop_config(f.train), f.train.batch_size, dropout,
                           params.seed, CKPT, fp, accelerator)

@@ -18,11 +18,15 @@ from manip.ip2p.pairs import PairSettings
 from manip.runtime import device, set_threads
 
 from ._runner import main
-from .common import require
+from .common import code_digest, require
 from .ip2p_common import BASE, CLIP, EDITS, PAIRS, write_metrics
 from .params import Params, PairsParams, load_params
 
 METRICS = Path("metrics/ip2p_pairs.json")
+# What a shard's content comes from, as in dvc.yaml's deps: shards made by other code are redone.
+CODE = ("manip/ip2p/pairs.py", "manip/ip2p/clip_filter.py", "manip/ip2p/records.py", "manip/editing",
+        "manip/sampling.py", "manip/prompts.py", "manip/metrics/clip_scores.py", "manip/multilingual/language.py",
+        "manip/multilingual/russian.py")
 
 
 def pair_settings(p: PairsParams) -> PairSettings:
@@ -51,7 +55,7 @@ def run(params: Params, partition: int | None = None, n_partitions: int | None =
     n_partitions = n_partitions or p.n_partitions
     settings = pair_settings(p)
     summary = run_shards(pipe, scorer, edits, params.seed, settings, PAIRS, p.shard_size, n_partitions,
-                         partition, progress)
+                         partition, progress, code=code_digest(*CODE))
     print(f"{summary.computed} shards computed in this run, {summary.reused} reused")
     if partition is not None:
         return {"partition": partition, "computed": summary.computed, "reused": summary.reused}
@@ -75,6 +79,9 @@ def cli() -> None:
     args = ap.parse_args()
     if (args.partition is None) != (args.n_partitions is None):
         ap.error("--partition and --n-partitions go together")
+    if args.partition is not None and not 0 <= args.partition < args.n_partitions:
+        ap.error(f"--partition must be in [0, {args.n_partitions}) with --n-partitions {args.n_partitions}, "
+                 f"got {args.partition}")
     run(load_params(), args.partition, args.n_partitions)
 
 

@@ -254,6 +254,13 @@ def test_stage_end_to_end_and_resume(bench_dir, monkeypatch):
     assert partial["shards"] == {"done": 1, "remaining": 5}
     assert calls["ddim"] == 7
 
+    # So does other code: DVC reruns the stage when its code changes, and the rerun must redo the
+    # shards instead of finding them done.
+    monkeypatch.setattr("stages.edit_benchmark.code_digest", lambda *paths: "other code")
+    recoded = run(with_bench(full.model_copy(update={"limit_per_run": 1, "inversions": ["ddim"]})), progress=False)
+    assert recoded["shards"] == {"done": 1, "remaining": 5}
+    assert calls["ddim"] == 8
+
 
 def test_stage_params_section(tmp_path):
     from stages.params import EditBenchmarkParams, ParamsError, load_params

@@ -118,6 +118,8 @@ def test_shards_resume_and_partitions_split_the_work(pipe, scorer, tmp_path):
     assert all(p.computed == 0 for p in parts)
     changed = run_shards(pipe, scorer, edits, 1, s, tmp_path, 2, progress=False)  # another seed: all new
     assert changed.computed == 3
+    recoded = run_shards(pipe, scorer, edits, 1, s, tmp_path, 2, progress=False, code="other")  # other code: all new
+    assert recoded.computed == 3
     with pytest.raises(ValueError, match="partition"):
         run_shards(pipe, scorer, edits, 0, s, tmp_path, 2, 2, 2)
 

@@ -285,13 +285,16 @@ class RunSummary:
 class EditBenchmark:
     """Runs and collects the shards of one benchmark configuration."""
 
-    def __init__(self, pipe, renderer, scorer, judge, settings: BenchmarkSettings, work_dir: str | Path):
+    def __init__(self, pipe, renderer, scorer, judge, settings: BenchmarkSettings, work_dir: str | Path,
+                 code: str = ""):
+        """`code` names the code that computes shards (the stage passes a digest of its sources):
+        a shard made by other code is computed again."""
         self.pipe, self.renderer, self.scorer, self.judge = pipe, renderer, scorer, judge
         self.settings = settings
         self.work_dir = Path(work_dir)
         self.size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.models = {"pipeline": model_id(pipe), "clip": module_digest(scorer.model), "judge": module_digest(judge),
-                       "world_size": str(renderer.size)}
+                       "world_size": str(renderer.size), "code": code}
 
     def fingerprint(self, case: EditCase, method: str) -> str:
         return fingerprint(case, method, self.settings, self.models)

@@ -159,9 +159,10 @@ def models_digest(pipe: StableDiffusionPipeline, scorer: ClipScorer) -> dict[str
             "vae": module_digest(pipe.vae), "clip": module_digest(scorer.model)}
 
 
-def shard_fingerprint(edits: Sequence[CaptionEdit], seed: int, s: PairSettings, models: dict[str, str]) -> str:
-    blob = json.dumps({"edits": [asdict(e) for e in edits], "seed": seed, "settings": asdict(s), "models": models},
-                      sort_keys=True)
+def shard_fingerprint(edits: Sequence[CaptionEdit], seed: int, s: PairSettings, models: dict[str, str],
+                      code: str = "") -> str:
+    blob = json.dumps({"edits": [asdict(e) for e in edits], "seed": seed, "settings": asdict(s), "models": models,
+                       "code": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -203,9 +204,10 @@ class RunSummary:
 
 def run_shards(pipe: StableDiffusionPipeline, scorer: ClipScorer, edits: Sequence[CaptionEdit], seed: int,
                s: PairSettings, work_dir: Path, shard_size: int, n_partitions: int = 1,
-               partition: int | None = None, progress: bool = True) -> RunSummary:
+               partition: int | None = None, progress: bool = True, code: str = "") -> RunSummary:
     """Compute the missing shards of this partition (all partitions when None); returns the
-    shard folders of the partition in order."""
+    shard folders of the partition in order. `code` names the code that computes shards (the
+    stage passes a digest of its sources): a shard made by other code is computed again."""
     if partition is not None and not 0 <= partition < n_partitions:
         raise ValueError(f"partition must be in [0, {n_partitions}), got {partition}")
     plan = shard_plan(edits, shard_size)
@@ -216,7 +218,7 @@ def run_shards(pipe: StableDiffusionPipeline, scorer: ClipScorer, edits: Sequenc
     for k in tqdm(mine, desc="pair shards", unit="shard", disable=not progress):
         path = Path(work_dir) / f"shard-{k:05d}"
         paths.append(path)
-        fp = shard_fingerprint(plan[k], seed, s, models)
+        fp = shard_fingerprint(plan[k], seed, s, models, code)
         if shard_done(path, fp):
             reused += 1
             continue
