@@ -45,18 +45,20 @@ def editor(params: Params):
     e = params.ip2p.edits
     if e.backend == "rules":
         return RulesEditor(params.seed, e.kinds)
-    from manip.ip2p.llm import LLMError, OpenAIEditor
+    from manip.ip2p.llm import OpenAIEditor
 
-    try:
-        return OpenAIEditor(llm_settings(e.openai), e.openai.cache_dir, base_tokenizer())
-    except LLMError as err:
-        raise StageInputError(str(err)) from None
+    return OpenAIEditor(llm_settings(e.openai), e.openai.cache_dir, base_tokenizer())
 
 
 def run(params: Params, progress: bool = True) -> dict:
+    from manip.ip2p.llm import LLMError
+
     captions = read_jsonl(require(CAPTIONS, "ip2p_captions"), Caption)
-    backend = editor(params)
-    edits, quarantined = backend.edit_all(captions, progress=progress)
+    try:  # no key, or an endpoint that refuses every request: the message says which
+        backend = editor(params)
+        edits, quarantined = backend.edit_all(captions, progress=progress)
+    except LLMError as err:
+        raise StageInputError(str(err)) from None
     write_jsonl(EDITS, edits)
     write_jsonl(QUARANTINE, quarantined)
     metrics = {"backend": backend.name, "captions": len(captions), "edits": len(edits),

@@ -2,8 +2,10 @@
 `openai` backend over real HTTP.
 
 `script[caption]` lists what each successive request for that caption gets: "ok", "timeout"
-(answers after the client gave up), "500", "429", "malformed", "fenced" (valid JSON inside a code
-fence), "unchanged" (output equals input) or "empty". Once a caption's list is used up it gets
+(answers after the client gave up), "500", "429", "400" (a request the server will not take),
+"401" (a wrong key, echoed in the error as some servers do), "malformed", "fenced" (valid JSON
+inside a code fence), "unchanged" (output equals input), "empty" or "nochoices" (an answer with an
+empty `choices` list). Once a caption's list is used up it gets
 "ok". An "ok" answer is `reply(user message)` as JSON (default: an edit of the caption). Every
 request is logged with its caption and Authorization header.
 """
@@ -90,10 +92,18 @@ def _handler(llm: ScriptedLLM):
                 return self._send(500, {"error": {"message": "internal error", "type": "server_error"}})
             if action == "429":
                 return self._send(429, {"error": {"message": "slow down", "type": "rate_limit"}}, {"Retry-After": "0"})
+            if action == "400":
+                return self._send(400, {"error": {"message": "bad request", "type": "invalid_request_error"}})
+            if action == "401":
+                key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                return self._send(401, {"error": {"message": f"Incorrect API key provided: {key}",
+                                                  "type": "invalid_request_error"}})
+            choices = [] if action == "nochoices" else [
+                {"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": llm.content(action, caption)}}]
             self._send(200, {
                 "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": llm.content(action, caption)}}],
+                "choices": choices,
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             })
 

@@ -160,7 +160,7 @@ def test_openai_backend_survives_a_hostile_endpoint(monkeypatch, tmp_path, token
     script = {
         "c ok": [], "c timeout once": ["timeout"], "c 500 twice": ["500", "500"], "c 429": ["429"],
         "c malformed": ["malformed"], "c fenced": ["fenced"], "c unchanged": ["unchanged"], "c empty": ["empty"],
-        "c always 500": ["500"] * 10,
+        "c always 500": ["500"] * 10, "c 400": ["400"], "c no choices": ["nochoices"],
     }
     captions = [Caption(f"id-{i}", text) for i, text in enumerate(script)]
     llm = ScriptedLLM(script, delay=1.5)
@@ -168,8 +168,9 @@ def test_openai_backend_survives_a_hostile_endpoint(monkeypatch, tmp_path, token
     with serve(llm) as url:
         editor = OpenAIEditor(_settings(url), cache, tokenizer)
         edits, rejected = editor.edit_all(captions, progress=False)
-        # ok, malformed, fenced, unchanged, empty: 1 each; timeout once and 429: 2; 500 twice and always 500: 3.
-        assert editor.requests == 5 + 2 * 2 + 2 * 3
+        # ok, malformed, fenced, unchanged, empty, 400, no choices: 1 each (a refusal is not retried);
+        # timeout once and 429: 2; 500 twice and always 500: 3.
+        assert editor.requests == 7 + 2 * 2 + 2 * 3
 
         by_id = {c.id: c.text for c in captions}
         assert {e.id for e in edits} | {r.id for r in rejected} == set(by_id)  # every item accounted for
@@ -178,27 +179,58 @@ def test_openai_backend_survives_a_hostile_endpoint(monkeypatch, tmp_path, token
         assert all(e.output == edited(e.input)["output"] for e in edits)
         reasons = {by_id[r.id]: r.reason for r in rejected}
         assert reasons == {"c malformed": "malformed", "c unchanged": "unchanged", "c empty": "malformed",
-                           "c always 500": "endpoint failed"}
+                           "c always 500": "endpoint failed", "c 400": "endpoint failed",
+                           "c no choices": "endpoint failed"}
+        details = {by_id[r.id]: r.detail for r in rejected}
+        assert "HTTP 400" in details["c 400"] and "no choices" in details["c no choices"]
         assert llm.counts["c always 500"] == 3 and llm.counts["c 500 twice"] == 3 and llm.counts["c ok"] == 1
         assert all(entry["authorization"] == f"Bearer {SECRET}" for entry in llm.log)  # the real client path
         assert all(entry["path"] == "/v1/chat/completions" for entry in llm.log)
         assert llm.log[0]["body"]["response_format"] == {"type": "json_object"}
         assert len(llm.log[0]["body"]["messages"]) == 2 + 2 * 4
 
-        # A rerun answers from the cache: only the caption that never got an answer is asked again.
+        # A rerun answers from the cache: only the captions that never got an answer are asked again,
+        # and the two the endpoint now takes join the edits.
         again = OpenAIEditor(_settings(url), cache, tokenizer)
         edits2, rejected2 = again.edit_all(captions)
-        assert again.requests == 3 and (sorted(edits2, key=lambda e: e.id), sorted(rejected2, key=lambda r: r.id)) == (
-            sorted(edits, key=lambda e: e.id), sorted(rejected, key=lambda r: r.id))
+        assert again.requests == 3 + 1 + 1
+        assert {by_id[e.id] for e in edits2} == kept | {"c 400", "c no choices"}
+        assert sorted(rejected2, key=lambda r: r.id) == sorted(
+            (r for r in rejected if by_id[r.id] not in ("c 400", "c no choices")), key=lambda r: r.id)
 
     out = tmp_path / "out"
     write_jsonl(out / "edits.jsonl", edits)
     write_jsonl(out / "rejected.jsonl", rejected)
     cached = list(cache.rglob("*.json"))
-    assert len(cached) == len(captions) - 1  # the endpoint failure is not cached, so a rerun retries it
+    assert len(cached) == len(captions) - 1  # the failure left is not cached, so a rerun retries it
     for f in [*cached, *out.iterdir()]:
         assert SECRET not in f.read_text()
     assert all(SECRET not in r.detail for r in rejected)
+
+
+def test_an_endpoint_that_refuses_every_request_stops_the_run(monkeypatch, tmp_path, tokenizer, capsys):
+    """A wrong key (or base URL, or model) fails every caption alike: one clear error naming the
+    status, never the key the server echoed back."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    llm = ScriptedLLM({"c wrong key": ["401"] * 10})
+    with serve(llm) as url:
+        editor = OpenAIEditor(_settings(url), tmp_path / "cache", tokenizer)
+        with pytest.raises(LLMError, match="HTTP 401") as err:
+            editor.edit_all([Caption("id-0", "c wrong key")])
+    assert SECRET not in str(err.value) and "OPENAI_API_KEY" in str(err.value)
+    assert llm.counts["c wrong key"] == 1 and not list((tmp_path / "cache").rglob("*.json"))
+
+
+def test_unreadable_examples_file_is_named(tmp_path):
+    bad = tmp_path / "examples.jsonl"
+    bad.write_text('{"input": "a cat", "edit": "make it a dog"}\n')
+    with pytest.raises(LLMError, match="example 1 needs non-empty input, edit and output"):
+        load_examples(bad)
+    bad.write_text("not json\n")
+    with pytest.raises(LLMError, match="not a readable JSONL file"):
+        load_examples(bad)
+    with pytest.raises(LLMError, match="not a readable JSONL file"):
+        load_examples(tmp_path / "missing.jsonl")
 
 
 def test_cache_key_follows_model_and_template(monkeypatch, tmp_path):

@@ -66,12 +66,18 @@ class LLMSettings:
 def load_examples(path: str | Path | None = None) -> list[dict]:
     """The shipped human-written examples of every language, or a JSONL file of
     {input, edit, output[, kind]}."""
-    texts = ([Path(path).read_text(encoding="utf-8")] if path else
-             [resources.files("manip.ip2p").joinpath(name).read_text(encoding="utf-8") for name in EXAMPLES_FILES.values()])
-    rows = [json.loads(line) for text in texts for line in text.splitlines() if line.strip()]
+    where = path or "the shipped examples"
+    try:
+        texts = ([Path(path).read_text(encoding="utf-8")] if path else
+                 [resources.files("manip.ip2p").joinpath(name).read_text(encoding="utf-8")
+                  for name in EXAMPLES_FILES.values()])
+        rows = [json.loads(line) for text in texts for line in text.splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LLMError(f"few-shot examples {where}: not a readable JSONL file ({err})") from None
     for i, r in enumerate(rows, 1):
-        if not all(isinstance(r.get(k), str) and r[k].strip() for k in ("input", "edit", "output")):
-            raise ValueError(f"example {i} needs non-empty input, edit and output strings: {r}")
+        if not (isinstance(r, dict) and all(isinstance(r.get(k), str) and r[k].strip() for k in ("input", "edit", "output"))):
+            raise LLMError(f"few-shot examples {where}: example {i} needs non-empty input, edit and output strings: "
+                           f"{str(r)[:200]}")
     return rows
 
 
@@ -250,6 +256,20 @@ class ChatEndpoint:
             return True
         return isinstance(err, self._status_error) and getattr(err, "status_code", 0) >= 500
 
+    def _refusal(self, err: Exception) -> str:
+        """Why the endpoint refused a request for good (a 4xx other than 429), named by status
+        only: the body of an authentication error may echo the key. Refusals of every request
+        (no or a wrong key, no such model or path) stop the run with `LLMError`; the others (a
+        request it cannot take, too long, say) fail only that caption."""
+        if not isinstance(err, self._status_error):
+            raise err  # not the endpoint's answer: a fault of this program, to be seen whole
+        status = getattr(err, "status_code", 0)
+        if status in (401, 403, 404):
+            raise LLMError(f"the endpoint refused the request with HTTP {status} ({type(err).__name__}): check "
+                           f"OPENAI_API_KEY, the base URL ({self.client.base_url}) and the model name "
+                           f"{self.settings.model!r}") from None
+        return f"the endpoint refused this request with HTTP {status} ({type(err).__name__})"
+
     def answer(self, user: str) -> tuple[str | None, str]:
         """(content, "") from the cache or the endpoint, or (None, why) when every attempt failed."""
         key = self.key(user)
@@ -264,12 +284,14 @@ class ChatEndpoint:
                 content = self._request(user)
             except Exception as err:  # noqa: BLE001 - classified below; anything else propagates
                 if not self._transient_error(err):
-                    raise
+                    return None, self._refusal(err)
                 last = f"{type(err).__name__}: {str(err)[:160]}"
                 if attempt + 1 < s.max_attempts:
-                    delay = _retry_after(err) or min(s.max_backoff, s.backoff * 2**attempt)
+                    delay = min(s.max_backoff, _retry_after(err) or s.backoff * 2**attempt)
                     self.sleep(delay * (0.5 + jitter.random()))
                 continue
+            if content is None:  # not cached: a rerun asks again
+                return None, "the answer had no choices"
             self.cache.put(key, {"model": s.model, "template": self.template_of(self.messages(user)), "caption": user,
                                  "content": content})
             return content, ""
