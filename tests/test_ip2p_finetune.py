@@ -4,6 +4,7 @@ is a diffusers `StableDiffusionInstructPix2PixPipeline` that edits with dual gui
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -52,12 +53,28 @@ def test_widened_unet_ignores_the_image_channels_at_start(base):
 def test_dropout_rates():
     d = DropoutSettings(0.05, 0.05, 0.05)
     u = torch.from_numpy(np.concatenate([batch_rng(0, s).random(1000) for s in range(20)])).float()
-    text = u < d.text + d.both
-    image = (u >= d.text) & (u < d.text + d.both + d.image)
+    text, image = d.masks(u)  # what `ip2p_loss` drops
     rates = [(text & ~image).float().mean(), (image & ~text).float().mean(), (text & image).float().mean()]
     assert all(abs(float(r) - 0.05) < 0.01 for r in rates), rates
+    text, image = DropoutSettings(0.1, 0.2, 0.3).masks(u)
+    rates = [(text & ~image).float().mean(), (image & ~text).float().mean(), (text & image).float().mean()]
+    assert all(abs(float(r) - want) < 0.015 for r, want in zip(rates, (0.1, 0.2, 0.3))), rates
     with pytest.raises(ValueError, match="sum to at most 1"):
         DropoutSettings(0.5, 0.5, 0.5)
+
+
+def test_dropped_conditions_are_not_read(base, data):
+    """Dropping both conditions makes the loss blind to the input image and the instruction;
+    keeping them, it reads both."""
+    unet = widen_conv_in(copy.deepcopy(base.unet))
+    with torch.no_grad():
+        unet.conv_in.weight[:, base.unet.config.in_channels :].normal_()  # image channels that matter
+    other = dataclasses.replace(data, source=torch.randn_like(data.source), prompts=torch.randn_like(data.prompts))
+    sched = training_scheduler()
+    for dropout, blind in ((DropoutSettings(0, 0, 1), True), (DropoutSettings(0, 0, 0), False)):
+        with torch.no_grad():
+            losses = [ip2p_loss(unet, sched, d, 4, dropout, 0, 3) for d in (data, other)]
+        assert torch.equal(*losses) == blind
 
 
 def test_sharded_loss_is_the_full_batch_loss(base, data):

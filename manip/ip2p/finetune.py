@@ -37,6 +37,11 @@ class DropoutSettings:
         if min(self.text, self.image, self.both) < 0 or self.text + self.image + self.both > 1:
             raise ValueError(f"dropout probabilities must be >= 0 and sum to at most 1, got {self}")
 
+    def masks(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(drop text, drop image) for uniform draws `u`: text alone below `text`, both from there
+        to `text + both`, image alone on the next `image`."""
+        return u < self.text + self.both, (u >= self.text) & (u < self.text + self.both + self.image)
+
 
 def widen_conv_in(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     """Double conv_in's input channels (in place) for the image latents, the new ones at zero;
@@ -97,8 +102,7 @@ def ip2p_loss(unet, scheduler: DDPMScheduler, data: PairTensors, batch_size: int
     device = data.source.device
     idx = torch.from_numpy(np.sort(rng.choice(len(data), batch_size, replace=False))).to(device)
     u = torch.from_numpy(rng.random(batch_size)).float().to(device)
-    drop_text = u < dropout.text + dropout.both
-    drop_image = (u >= dropout.text) & (u < dropout.text + dropout.both + dropout.image)
+    drop_text, drop_image = dropout.masks(u)
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     noise = torch.randn(data.target_mean[idx].shape, generator=gen).to(device)
     latents = data.target_mean[idx] + data.target_std[idx] * noise
