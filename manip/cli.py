@@ -40,6 +40,26 @@ def _weights(values: list[str] | None) -> dict[str, float]:
     return out
 
 
+INVERSION_DEFAULTS = {"inversion": "null-text", "steps": 50, "guidance": 7.5}
+
+
+def _inversion_settings(args: argparse.Namespace, inversion) -> None:
+    """Fill the inversion options left out: the defaults, or an artifact's values when one is
+    reused. An option given that disagrees with the artifact is an error, not silently ignored."""
+    if inversion is None:
+        for name, value in INVERSION_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        return
+    stored = {"inversion": inversion.method, "steps": inversion.steps, "guidance": inversion.guidance_scale}
+    for name, value in stored.items():
+        given = getattr(args, name)
+        if given is not None and given != value:
+            raise ValueError(f"--{name} {given} differs from the inversion artifact's {value} "
+                             f"({args.from_inversion}): leave it out or invert again")
+        setattr(args, name, value)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="manip", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -48,9 +68,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="models/base", help="a diffusers Stable Diffusion pipeline folder")
         p.add_argument("--image", required=True)
         p.add_argument("--source", required=True, help="caption of the input image")
-        p.add_argument("--inversion", default="null-text", choices=["ddim", "null-text", "negative-prompt", "direct"])
-        p.add_argument("--steps", type=int, default=50)
-        p.add_argument("--guidance", type=float, default=7.5)
+        p.add_argument("--inversion", choices=["ddim", "null-text", "negative-prompt", "direct"],
+                       help=f"default {INVERSION_DEFAULTS['inversion']}; with --from-inversion, the artifact's")
+        p.add_argument("--steps", type=int, help=f"default {INVERSION_DEFAULTS['steps']}; with --from-inversion, "
+                                                 "the artifact's")
+        p.add_argument("--guidance", type=float, help=f"default {INVERSION_DEFAULTS['guidance']}; with "
+                                                      "--from-inversion, the artifact's")
         p.add_argument("--inner-steps", type=int, default=10, help="null-text Adam steps per timestep")
 
     inv = sub.add_parser("invert", help="invert an image and save the reusable artifact")
@@ -233,6 +256,7 @@ def run(args: argparse.Namespace) -> dict:
     if getattr(args, "method", "p2p") != "p2p":
         return run_single(args)
     import numpy as np
+    import torch
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
@@ -240,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
     from manip.editing.edit import edit_inverted
     from manip.editing.heatmaps import render_heatmaps
     from manip.editing.images import load_image
-    from manip.editing.inversion import Inversion, invert
+    from manip.editing.inversion import Inversion, encode_image, invert
     from manip.editing.p2p import P2PConfig, PromptToPrompt
     from manip.runtime import device, set_threads
     from manip.prompts import read_prompts
@@ -254,12 +278,22 @@ def run(args: argparse.Namespace) -> dict:
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device())
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    reused = Inversion.load(args.from_inversion, pipe) if args.command == "edit" and args.from_inversion else None
+    if reused is not None:
+        reused.check(pipe, size)
+    _inversion_settings(args, reused)
     image, notes = load_image(args.image, size)
     prompts = [args.source, *getattr(args, "target", [])]
     if any(not p.strip() for p in prompts):
         raise ValueError("prompts must not be empty")
     prompts = read_prompts(pipe.tokenizer, prompts)
     source, targets = prompts[0], prompts[1:]
+    if reused is not None and source != reused.prompt:
+        raise ValueError(f"--source {source!r} is not the caption the inversion artifact was made with "
+                         f"({reused.prompt!r}): the edit's source branch reconstructs the artifact's")
+    if reused is not None and not torch.allclose(encode_image(pipe, image).cpu(), reused.trajectory[:1], atol=1e-3):
+        raise ValueError(f"--image {args.image} is not the image the inversion artifact {args.from_inversion} was "
+                         "made from")
     config = None
     if args.command == "edit":
         blend = None
@@ -270,11 +304,8 @@ def run(args: argparse.Namespace) -> dict:
                            blend_start=args.blend_start)
         # Words that do not align fail here, before minutes of inversion, not after.
         PromptToPrompt(pipe.tokenizer, prompts, args.steps, config, guided=args.guidance != 1.0)
-    if args.command == "edit" and args.from_inversion:
-        inversion = Inversion.load(args.from_inversion, pipe)
-    else:
-        inversion = invert(pipe, image, source, args.inversion, args.steps, args.guidance, args.inner_steps,
-                           progress=True)
+    inversion = reused or invert(pipe, image, source, args.inversion, args.steps, args.guidance, args.inner_steps,
+                                 progress=True)
     if args.command == "invert":
         inversion.notes = notes
         inversion.save(args.out)
@@ -302,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         print(json.dumps(run(args), indent=1))
-    except (ImageInputError, InversionMismatch, AlignmentError, PromptError, LLMError, FileNotFoundError,
-            ValueError) as err:
+    except (ImageInputError, InversionMismatch, AlignmentError, PromptError, LLMError, ValueError, OSError) as err:
+        # OSError: a missing or unreadable model or input file, an output path that cannot be written
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

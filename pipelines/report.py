@@ -26,8 +26,8 @@ RUNS_COLUMNS = ("n", "success", "gt_psnr_in", "gt_psnr_out", "bg_psnr", "clip_t"
 CUSTOMIZE_COLUMNS = ("subject_accuracy", "judge_feature_similarity", "clip_i", "clip_t", "scene_accuracy", "kid",
                      "seconds", "peak_memory_mb", "artifact_bytes")
 # The columns of the edit benchmark's tables (README, Prefect artifact, `make run` summary).
-EDIT_TABLE_METRICS = ("n", "recon_psnr", "bg_psnr", "bg_ssim", "gt_psnr_in", "gt_psnr_out", "clip_t", "clip_t_region",
-                      "structure_dist", "success", "invert_seconds", "edit_seconds")
+EDIT_TABLE_METRICS = ("n", "recon_psnr", "recon_ssim", "bg_psnr", "bg_mse", "bg_ssim", "gt_psnr_in", "gt_psnr_out",
+                      "clip_t", "clip_t_region", "structure_dist", "success", "invert_seconds", "edit_seconds")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -126,7 +126,7 @@ def customize_rows(metrics: dict) -> list[dict]:
             for method, values in metrics.get("methods", {}).items()]
 
 
-MULTI_COLUMNS = ("both_present", "both_in_place", "clip_t", "seconds")
+MULTI_COLUMNS = ("both_present", "both_in_place", "first_present", "second_present", "clip_t", "seconds")
 
 
 def customize_multi_rows(metrics: dict) -> list[dict]:

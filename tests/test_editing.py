@@ -459,6 +459,8 @@ def test_prompt_errors_in_edits(pipe, inversions):
         edit_inverted(pipe, inversions["ddim"], [long])
     with pytest.raises(AlignmentError, match="same number of words"):
         edit_inverted(pipe, inversions["ddim"], ["a dog"])
+    with pytest.raises(AlignmentError, match=r"\(cat -> big dog\)"):  # the words that do not align
+        edit_inverted(pipe, inversions["ddim"], [SOURCE.replace("cat", "big dog")])
     with pytest.raises(ValueError, match="at least one target"):
         edit_generated(pipe, [SOURCE], torch.Generator().manual_seed(0), steps=1)
 
@@ -513,6 +515,30 @@ def test_inversion_load_errors(tmp_path, pipe, inversions):
     for steps in (0, -3, 1001):
         with pytest.raises(ValueError, match=rf"steps must be between 1 and 1000, got {steps}"):
             invert(pipe, make_image(), SOURCE, "ddim", steps=steps)
+    inversions["ddim"].save(tmp_path / "inv")
+    meta = json.loads((tmp_path / "inv" / "inversion.json").read_text())
+    (tmp_path / "inv" / "inversion.json").write_text(json.dumps({**meta, "steps": meta["steps"] + 5}))
+    with pytest.raises(ValueError, match="not a readable inversion artifact: .* steps need"):
+        Inversion.load(tmp_path / "inv")
+
+
+@pytest.mark.parametrize("image, why", [
+    (make_image().astype(np.float32), "square uint8 HxWx3"),
+    (make_image()[:, :, :1], "square uint8 HxWx3"),
+    (np.concatenate([make_image(), make_image()[:, :, :1]], -1), "square uint8 HxWx3"),
+    (make_image()[:, :24], "square uint8 HxWx3"),
+    (make_image()[:18, :18], "must be a multiple of"),
+])
+def test_invert_refuses_images_it_cannot_take(pipe, image, why):
+    with pytest.raises(ValueError, match=why):
+        invert(pipe, image, SOURCE, "ddim", steps=1)
+
+
+def test_invert_refuses_an_empty_prompt_and_mixed_sizes(pipe):
+    with pytest.raises(ValueError, match="prompts must not be empty"):
+        invert(pipe, make_image(), "  ", "ddim", steps=1)
+    with pytest.raises(ValueError, match="must share a size"):
+        invert_batch(pipe, [make_image(), make_image(64)], [SOURCE, SOURCE], "ddim", steps=1)
 
 
 def test_null_text_with_more_than_100_steps():
@@ -757,6 +783,18 @@ def test_cli_refuses_inversion_of_another_model(cli_model, tmp_path, monkeypatch
                            TARGET, "--from-inversion", "inv", "--out", "o.png"), "inversion was made with")
     assert_clean_error(run("edit", "--model", str(cli_model), "--image", "ok.png", "--source", SOURCE, "--target",
                            TARGET, "--from-inversion", "nowhere", "--out", "o.png"), "no inversion artifact")
+    # The artifact fixes the image, caption, method, steps and guidance: options that disagree are refused.
+    Image.fromarray(255 - rgb_array()).save(tmp_path / "other.png")
+    edit = ("edit", "--model", str(cli_model), "--target", TARGET, "--from-inversion", "inv", "--out", "o.png")
+    assert_clean_error(run(*edit, "--image", "other.png", "--source", SOURCE), "is not the image the inversion")
+    assert_clean_error(run(*edit, "--image", "ok.png", "--source", TARGET), "is not the caption the inversion")
+    assert_clean_error(run(*edit, "--image", "ok.png", "--source", SOURCE, "--steps", "5"),
+                       "--steps 5 differs from the inversion artifact's 2")
+    assert_clean_error(run(*edit, "--image", "ok.png", "--source", SOURCE, "--inversion", "null-text"),
+                       "--inversion null-text differs from the inversion artifact's ddim")
+    assert not (tmp_path / "o.png").exists()
+    proc = run(*edit, "--image", "ok.png", "--source", SOURCE, "--steps", "2", "--inversion", "ddim")
+    assert proc.returncode == 0, proc.stderr
     (tmp_path / "inv" / "inversion.safetensors").write_bytes(b"garbage")
     assert_clean_error(run("edit", "--model", str(cli_model), "--image", "ok.png", "--source", SOURCE, "--target",
                            TARGET, "--from-inversion", "inv", "--out", "o.png"), "not a readable")

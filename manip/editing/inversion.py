@@ -139,6 +139,10 @@ class Inversion:
             inv = cls(trajectory=tensors["trajectory"], uncond=tensors["uncond"], **meta)
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
             raise ValueError(f"{directory} is not a readable inversion artifact: {err}") from None
+        if len(inv.trajectory) != inv.steps + 1 or len(inv.uncond) != inv.steps:
+            raise ValueError(f"{directory} is not a readable inversion artifact: {inv.steps} steps need "
+                             f"{inv.steps + 1} trajectory latents and {inv.steps} contexts, it holds "
+                             f"{len(inv.trajectory)} and {len(inv.uncond)}")
         if pipe is not None:
             inv.check(pipe)
         return inv
@@ -227,6 +231,24 @@ def null_text_optimise(pipe: StableDiffusionPipeline, trajectory: torch.Tensor, 
     return torch.stack(out)
 
 
+def check_images(pipe: StableDiffusionPipeline, images: Sequence[np.ndarray]) -> None:
+    """Images the model can invert as one batch: uint8 RGB, square (attention maps are read as
+    square grids), all one size, a multiple of the UNet's total downsampling. Any file becomes
+    one with `manip.editing.images.load_image`."""
+    stride = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+    shapes = set()
+    for i, image in enumerate(images):
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] != arr.shape[1]:
+            raise ValueError(f"image {i}: need a square uint8 HxWx3 RGB array, got {arr.dtype} {arr.shape} "
+                             "(manip.editing.images.load_image makes one from any image file)")
+        if arr.shape[0] % stride:
+            raise ValueError(f"image {i}: its side {arr.shape[0]} must be a multiple of {stride} for this model")
+        shapes.add(arr.shape)
+    if len(shapes) > 1:
+        raise ValueError(f"images inverted in one batch must share a size, got {sorted(shapes)}")
+
+
 def invert_batch(pipe: StableDiffusionPipeline, images: Sequence[np.ndarray], prompts: Sequence[str],
                  method: Method = "null-text", steps: int = 50, guidance_scale: float = 7.5, inner_steps: int = 10,
                  progress: bool = False) -> list[Inversion]:
@@ -243,6 +265,9 @@ def invert_batch(pipe: StableDiffusionPipeline, images: Sequence[np.ndarray], pr
         raise ValueError(f"steps must be between 1 and {n_train}, got {steps}")
     if inner_steps < 0:
         raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+    check_images(pipe, images)
+    if any(not p.strip() for p in prompts):
+        raise ValueError("prompts must not be empty: an inversion reconstructs the image under its caption")
     started = time.perf_counter()
     prompts = read_prompts(pipe.tokenizer, prompts)  # stored as the encoder read them, so edits align
     cond = encode_prompts(pipe, prompts)

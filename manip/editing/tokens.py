@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -53,6 +54,15 @@ def word_spans(tokenizer, prompt: str) -> WordSpans:
     return WordSpans(words, spans, total)
 
 
+def word_difference(source: Sequence[str], target: Sequence[str]) -> str:
+    """The words that differ between two prompts, as "a b -> c" clauses, for error messages."""
+    parts = []
+    for op, a, b, c, d in difflib.SequenceMatcher(a=list(source), b=list(target), autojunk=False).get_opcodes():
+        if op != "equal":
+            parts.append(f"{' '.join(source[a:b]) or '(nothing)'} -> {' '.join(target[c:d]) or '(nothing)'}")
+    return "; ".join(parts)
+
+
 def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
     """(K, K) matrix M with target_attention[:, t] = sum_s source_attention[:, s] * M[s, t].
 
@@ -64,7 +74,7 @@ def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
     if len(src.words) != len(tgt.words):
         raise AlignmentError(
             f"replace needs prompts with the same number of words: {len(src.words)} in {source!r}, "
-            f"{len(tgt.words)} in {target!r}; use refine for added words"
+            f"{len(tgt.words)} in {target!r} ({word_difference(src.words, tgt.words)}); use refine for added words"
         )
     m = torch.zeros(k, k)
     m[0, 0] = 1.0
