@@ -157,6 +157,25 @@ def test_trained_identifier_rows_are_left_alone(tmp_path):
     assert not list((tmp_path / "artifact").glob("identifier-*"))
 
 
+@pytest.mark.parametrize("identifier_lr", [1e-2, 0.0])
+def test_dreambooth_trains_the_identifier_rows_it_bound_and_no_other(identifier_lr, tmp_path):
+    pipe = untrained_identifiers("sks")
+    table = pipe.text_encoder.get_input_embeddings().weight
+    before = table.detach().clone()
+    db = METHODS["dreambooth"](pipe, config("dreambooth", identifier_lr=identifier_lr))
+    db.fit([concept()], tmp_path / "ckpt")
+    sks = identifier_tokens(pipe.tokenizer, "sks")
+    others = torch.ones(len(table), dtype=torch.bool)
+    others[sks] = False
+    assert torch.equal(table[others], before[others])
+    bound = db.bound_identifiers["sks"]
+    assert torch.equal(table[sks], bound) == (identifier_lr == 0)  # trained, or fixed at the value it was given
+    real = tiny_pipeline()  # every row trained, as in a real Stable Diffusion: the paper's fixed identifier
+    real_before = real.text_encoder.get_input_embeddings().weight.detach().clone()
+    METHODS["dreambooth"](real, config("dreambooth")).fit([concept()], tmp_path / "ckpt-real")
+    assert torch.equal(real.text_encoder.get_input_embeddings().weight, real_before)
+
+
 def test_dreambooth_prior_preservation_adds_the_class_loss(tmp_path):
     prior = PriorSet(np.random.default_rng(5).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8),
                      ["a photo of a dog on the beach"] * 4)

@@ -60,7 +60,8 @@ def test_every_planned_run_has_an_artifact_and_a_result(project):
     assert {"subject_accuracy", "judge_feature_similarity", "clip_i", "clip_t", "scene_accuracy", "kid",
             "drift"} <= set(single)
     assert runs["textual_inversion/teapot"]["scores"]["drift"]["same_seed_clip_i"] == pytest.approx(1.0, abs=1e-4)
-    assert {"both_present", "both_in_place", "clip_t"} <= set(runs["cones_union/teapot+robot"]["scores"])
+    assert {"both_present", "both_in_place", "first_present", "second_present", "clip_t"} <= set(
+        runs["cones_union/teapot+robot"]["scores"])
 
 
 def test_aggregate_metrics_and_grids(project):
@@ -70,7 +71,8 @@ def test_aggregate_metrics_and_grids(project):
     assert set(metrics["multi_concept"]) == {"custom_diffusion/teapot+robot", "custom_diffusion_merge/teapot+robot",
                                              "cones_union/teapot+robot", "real/teapot+robot", "base/crown+car"}
     for reference in ("real/teapot+robot", "base/crown+car"):  # the pair's ceilings, scored like the runs
-        assert set(metrics["multi_concept"][reference]) == {"both_present", "both_in_place", "clip_t"}
+        assert set(metrics["multi_concept"][reference]) == {"both_present", "both_in_place", "first_present",
+                                                            "second_present", "clip_t"}
     for method in ("textual_inversion", "custom_diffusion", "custom_diffusion_merge", "cones", "cones_union"):
         assert (project / "plots/customize" / f"{method}.png").is_file()
 

@@ -72,6 +72,26 @@ def test_fused_optimizer_follows_the_loop_up_to_rounding(tmp_path):
         torch.testing.assert_close(runs[True][k], runs[False][k], rtol=1e-4, atol=1e-5)
 
 
+def test_parameter_groups_scale_their_rate(tmp_path):
+    """A group's `lr_scale` is its rate over the schedule's: 0 freezes it, 2 trains it as a run at
+    twice the rate would."""
+    model = make_model()
+    first = state(model)
+    groups = [{"params": list(model[0].parameters()), "lr_scale": 0.0}, {"params": list(model[2].parameters())}]
+    trained = state(train(model, regression_loss(model), LoopConfig(steps=10, lr=0.03, warmup=2), tmp_path / "a",
+                          params=groups).model)
+    assert all(torch.equal(trained[k], first[k]) for k in ("0.weight", "0.bias"))
+    assert not torch.equal(trained["2.weight"], first["2.weight"])
+    runs = []
+    for name, lr, scale in (("b", 0.06, 1.0), ("c", 0.03, 2.0)):
+        model = make_model()
+        groups = [{"params": list(model.parameters()), "lr_scale": scale}]
+        runs.append(state(train(model, regression_loss(model), LoopConfig(steps=10, lr=lr, warmup=2), tmp_path / name,
+                                params=groups).model))
+    for k in runs[0]:
+        torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kill_at", [6, 7])
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
 @pytest.mark.parametrize("fused", [False, True])

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file, save_file
 
 from manip.multilingual.language import PLACEHOLDER_WORD, Language, detect_language
@@ -130,6 +131,16 @@ def save_embedding(path: Path, token: str, rows: torch.Tensor) -> None:
     save_file({token: rows.reshape(-1, rows.shape[-1]).detach().cpu().contiguous()}, str(path))
 
 
+def cross_attention_layers(unet) -> dict[str, Attention]:
+    """The UNet's cross-attention modules under their attention-processor names, the keys of
+    diffusers' attention-processor weight files (Custom Diffusion's, ELITE's local mapping)."""
+    layers = {f"{name}.processor": module for name, module in unet.named_modules()
+              if isinstance(module, Attention) and module.is_cross_attention}
+    if not layers:
+        raise ValueError("the UNet has no cross-attention layers to customize")
+    return layers
+
+
 def identifier_tokens(tokenizer, identifier: str) -> list[int]:
     return tokenizer(identifier, add_special_tokens=False).input_ids
 
@@ -186,9 +197,10 @@ class Customizer(ABC):
         return False
 
     @abstractmethod
-    def _prepare(self) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    def _prepare(self) -> tuple[torch.nn.Module, list[torch.nn.Parameter] | list[dict]]:
         """Install what trains for `self.concepts`; return the module whose state a checkpoint
-        must hold and the parameters the optimizer updates."""
+        must hold and the parameters the optimizer updates (or its parameter groups, each with
+        an optional `lr_scale`: see `manip.training.loop.train`)."""
 
     def _finish(self) -> None:
         """Called once training has ended, before the artifact can be saved."""
@@ -283,8 +295,10 @@ class Customizer(ABC):
         self._finish()
         for module in (self.pipe.unet, self.pipe.text_encoder):
             module.eval()
-        return FitReport(history=result.history, seconds=round(result.seconds + prepare_seconds, 2), resumed_from=result.resumed_from,
-                         peak_memory_mb=peak.megabytes, trainable_parameters=sum(p.numel() for p in trainable))
+        n_trained = sum(p.numel() for g in trainable for p in (g["params"] if isinstance(g, dict) else [g]))
+        return FitReport(history=result.history, seconds=round(result.seconds + prepare_seconds, 2),
+                         resumed_from=result.resumed_from, peak_memory_mb=peak.megabytes,
+                         trainable_parameters=n_trained)
 
     def step_rng(self, step: int, stream: int = 0) -> tuple[np.random.Generator, torch.Generator]:
         """The draws of training step `step` (`stream` > 0: an independent series, for work outside
@@ -327,8 +341,9 @@ class Customizer(ABC):
         tmp = staging_dir(final)
         self._save_artifact(tmp)
         table = self.pipe.text_encoder.get_input_embeddings().weight
-        for word in self.bound_identifiers:  # the row now: a trained text encoder may have moved it
-            save_embedding(tmp / IDENTIFIER_FILE.format(word), word, table[identifier_tokens(self.pipe.tokenizer, word)])
+        for word in self.bound_identifiers:  # the row now: training may have moved it
+            ids = identifier_tokens(self.pipe.tokenizer, word)
+            save_embedding(tmp / IDENTIFIER_FILE.format(word), word, table[ids])
         manifest = {"method": self.method, "config": asdict(self.config),
                     "concepts": [self._concept_meta(c) for c in self.concepts]}
         atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from manip.multilingual.language import Language
 
-from .base import Customizer, FitConfig, phrase_mask, save_embedding, template_language, tokenize
+from .base import (Customizer, FitConfig, cross_attention_layers, phrase_mask, save_embedding, template_language,
+                   tokenize)
 from .concept import Concept
 from .textual_inversion import TrainableRows, add_tokens, class_embedding
 
@@ -36,15 +37,10 @@ class CustomDiffusionConfig(FitConfig):
 
 
 def cross_attention_kv(unet) -> dict[str, torch.nn.Linear]:
-    """The key/value projections of every cross-attention layer, by processor-style name."""
-    out = {}
-    for name, module in unet.named_modules():
-        if name.endswith("attn2"):
-            out[f"{name}.processor.{SUFFIX['to_k']}"] = module.to_k
-            out[f"{name}.processor.{SUFFIX['to_v']}"] = module.to_v
-    if not out:
-        raise ValueError("the UNet has no cross-attention layers (attn2) to customize")
-    return out
+    """The key/value projections of every cross-attention layer, under the names of diffusers'
+    Custom Diffusion weight file."""
+    return {f"{name}.{SUFFIX[proj]}": getattr(attn, proj)
+            for name, attn in cross_attention_layers(unet).items() for proj in ("to_k", "to_v")}
 
 
 class CustomDiffusion(Customizer):
@@ -60,7 +56,8 @@ class CustomDiffusion(Customizer):
         return True
 
     def _prepare(self):
-        ids = [add_tokens(self.pipe, [c.placeholder], class_embedding(self.pipe, c.class_noun))[0] for c in self.concepts]
+        ids = [add_tokens(self.pipe, [c.placeholder], class_embedding(self.pipe, c.class_noun))[0]
+               for c in self.concepts]
         self._rows = TrainableRows(self.pipe.text_encoder.get_input_embeddings(), ids)
         kv = torch.nn.ModuleList(cross_attention_kv(self.pipe.unet).values()).requires_grad_(True)
         state = torch.nn.ModuleDict({"kv": kv, "rows": self._rows})

@@ -57,7 +57,8 @@ from manip.world.captions import object_phrase
 from manip.world.dataset import WorldSplit
 from manip.world.vocab import BASE_OBJECTS
 
-from .base import Customizer, FitConfig, FitReport, LatentSet, PriorSet, encode_images, save_embedding, tokenize
+from .base import (Customizer, FitConfig, FitReport, LatentSet, PriorSet, cross_attention_layers, encode_images,
+                   save_embedding, tokenize)
 from .concept import Concept, ConceptError
 from .textual_inversion import add_tokens, class_embedding, embedding_file
 
@@ -127,15 +128,6 @@ def check_images(pipe: StableDiffusionPipeline, images: Any, what: str) -> None:
                            f"{getattr(images, 'shape', '')}")
     if len(images) == 0:
         raise ConceptError(f"{what}: no image given")
-
-
-def cross_attention_layers(unet) -> dict[str, Attention]:
-    """The UNet's cross-attention modules under their attention-processor names."""
-    layers = {f"{name}.processor": module for name, module in unet.named_modules()
-              if isinstance(module, Attention) and module.is_cross_attention}
-    if not layers:
-        raise ValueError("the UNet has no cross-attention layers for ELITE's local mapping")
-    return layers
 
 
 def feature_blocks(vae) -> list[nn.Module]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from manip.metrics.clip_scores import ClipScorer
-from manip.metrics.judge import AttributeJudge, attribute_hits, embeddings, objects_in_place, predict
+from manip.metrics.judge import OBJECT_NAMES, AttributeJudge, attribute_hits, embeddings, objects_in_place, predict
 from manip.metrics.kid import kid
 from manip.world import Scene
 
@@ -44,7 +44,8 @@ def concept_scores(scorers: Scorers, images: np.ndarray, scenes: Sequence[Scene]
     subject = _subject(hits, kind)
     scene_keys = ("background", "time") if kind == "style" else ("background", "time", "style")
     judge_feats = embeddings(scorers.judge, images)
-    kid_mean, kid_std = kid(judge_feats, embeddings(scorers.judge, real), subset_size=max(2, min(len(images), len(real)) // 2))
+    subset = max(2, min(len(images), len(real)) // 2)
+    kid_mean, kid_std = kid(judge_feats, embeddings(scorers.judge, real), subset_size=subset)
     return {
         "subject_accuracy": round(float(subject.mean()), 4),
         "judge_feature_similarity": round(_mean_cosine(judge_feats, embeddings(scorers.judge, references)), 4),
@@ -55,12 +56,18 @@ def concept_scores(scorers: Scorers, images: np.ndarray, scenes: Sequence[Scene]
     }
 
 
-def pair_scores(scorers: Scorers, images: np.ndarray, scenes: Sequence[Scene], texts: Sequence[str]) -> dict[str, float]:
-    """Multi-concept prompts: both concepts present (in any slot), each in its own slot, CLIP-T."""
+def pair_scores(scorers: Scorers, images: np.ndarray, scenes: Sequence[Scene],
+                texts: Sequence[str]) -> dict[str, float]:
+    """Multi-concept prompts: both concepts present (in any slot), each in its own slot, each
+    concept present on its own (the first and second object of the scenes), CLIP-T."""
     pred = predict(scorers.judge, images)
     hits = attribute_hits(pred, list(scenes))
     in_place = objects_in_place(pred, list(scenes))
+    present = [[OBJECT_NAMES.index(s.objects[k].name) in row for row, s in zip(pred["slot_object"], scenes)]
+               for k in (0, 1)]
     return {"both_present": round(float(hits["object"].mean()), 4), "both_in_place": round(float(in_place.mean()), 4),
+            "first_present": round(float(np.mean(present[0])), 4),
+            "second_present": round(float(np.mean(present[1])), 4),
             "clip_t": round(float(scorers.clip.clip_t(images, texts).mean()), 4)}
 
 

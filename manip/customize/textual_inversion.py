@@ -105,7 +105,8 @@ class TextualInversion(Customizer):
     def _prepare(self):
         ids = []
         for c in self.concepts:
-            ids += add_tokens(self.pipe, placeholder_tokens(c, self.config.n_vectors), class_embedding(self.pipe, c.class_noun))
+            ids += add_tokens(self.pipe, placeholder_tokens(c, self.config.n_vectors),
+                              class_embedding(self.pipe, c.class_noun))
         self._rows = TrainableRows(self.pipe.text_encoder.get_input_embeddings(), ids)
         return self._rows, [self._rows.rows]
 

@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -81,7 +81,7 @@ def train(
     loss_fn: LossFn,
     cfg: LoopConfig,
     checkpoint_dir: Path,
-    params: list[torch.nn.Parameter] | None = None,
+    params: Sequence[torch.nn.Parameter | dict] | None = None,
     desc: str = "train",
     fingerprint: dict | None = None,
     accelerator=None,
@@ -92,11 +92,15 @@ def train(
 
     With an `accelerate.Accelerator` of several processes, `loss_fn` must run the model through
     its data-parallel wrapper (so gradients are averaged) on its share of the batch; every
-    process keeps identical weights, and only the main one writes checkpoints and a progress bar."""
+    process keeps identical weights, and only the main one writes checkpoints and a progress bar.
+
+    `params` (default: the model's parameters that require grad) may hold optimizer parameter
+    groups; a group's `lr_scale` multiplies the scheduled rate for it (a new embedding row
+    trained beside a network, say, which needs a far larger rate)."""
     main = accelerator is None or accelerator.is_main_process
-    trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            **({"fused": True} if cfg.fused else {}))
+    groups = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **({"fused": True} if cfg.fused else {}))
+    trainable = [p for group in opt.param_groups for p in group["params"]]
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     modules: dict[str, torch.nn.Module] = {"model": model, **({"ema": ema} if ema else {})}
     ckpt = checkpoint_dir / "last"
@@ -119,7 +123,7 @@ def train(
     started = time.perf_counter() - seconds
     while step < cfg.steps:
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
+            group["lr"] = lr_at(cfg, step) * group.get("lr_scale", 1.0)
         loss, logs = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         if accelerator is not None:
