@@ -56,7 +56,7 @@ class PromptToPrompt(SingleImageEditor):
 
 @dataclass(frozen=True)
 class InstructPix2PixConfig:
-    steps: int = 50
+    steps: int = 100  # the paper's sampler settings; the stages run 50 on CPUs (params.yaml)
     guidance_scale: float = 7.5
     image_guidance_scale: float = 1.5
 
