@@ -10,7 +10,9 @@ from pathlib import Path
 
 from manip.ip2p import dataset_captions, jsonl_captions, screen, world_captions, write_jsonl
 
-from ._runner import main
+from manip.ip2p.captions import CaptionSourceError
+
+from ._runner import StageInputError, main
 from .common import require
 from .ip2p_common import BASE, CAPTIONS, CAPTIONS_REJECTED, WORLD_TRAIN, reason_counts, write_metrics
 from .params import Params, load_params
@@ -31,7 +33,10 @@ def run(params: Params) -> dict:
     elif c.source == "jsonl":
         raw, unreadable = jsonl_captions(c.path, c.column, c.id_field)
     else:
-        raw = dataset_captions(c.path, c.column, c.split)
+        try:
+            raw = dataset_captions(c.path, c.column, c.split)
+        except CaptionSourceError as err:
+            raise StageInputError(f"ip2p.captions: {err}") from None
     kept, rejected = screen(raw, tokenizer)
     rejected = unreadable + rejected
     write_jsonl(CAPTIONS, kept)

@@ -10,7 +10,7 @@ import pytest
 
 from llm_server import ScriptedLLM, edited, serve
 from manip.ip2p import (Caption, RulesEditor, jsonl_captions, read_jsonl, screen, world_captions, write_jsonl)
-from manip.ip2p.captions import dataset_captions
+from manip.ip2p.captions import CaptionSourceError, dataset_captions
 from manip.ip2p.llm import LLMError, LLMSettings, OpenAIEditor, load_examples, parse_answer, pick_examples
 from manip.ip2p.records import CaptionEdit
 from manip.models.tokenizer import TINY_MAX_LENGTH, build_clip_tokenizer
@@ -76,8 +76,10 @@ def test_dataset_text_column(tmp_path):
     datasets.Dataset.from_dict({"text": ["a cat", ""], "n": [1, 2]}).save_to_disk(str(tmp_path / "ds"))
     kept, rejected = screen(dataset_captions(str(tmp_path / "ds"), "text"))
     assert [c.text for c in kept] == ["a cat"] and [r.reason for r in rejected] == ["empty"]
-    with pytest.raises(KeyError, match="no column 'caption'"):
+    with pytest.raises(CaptionSourceError, match="no column 'caption'"):
         dataset_captions(str(tmp_path / "ds"), "caption")
+    with pytest.raises(CaptionSourceError, match="could not be loaded offline"):
+        dataset_captions("no-such-org/no-such-dataset", "text")
 
 
 # ---------------------------------------------------------------- rules backend

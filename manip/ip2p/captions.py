@@ -48,19 +48,27 @@ def jsonl_captions(path: str | Path, field: str = "caption", id_field: str | Non
     return [Caption(cid, text) for cid, text in rows], rejected
 
 
+class CaptionSourceError(ValueError):
+    """A caption source that cannot be read as asked: the message names what is missing."""
+
+
 def dataset_captions(source: str, column: str, split: str = "train") -> list[Caption]:
     """A text column of a dataset saved with `save_to_disk` (a folder) or loadable by name from the
     local Hugging Face cache (offline)."""
     import datasets
 
     path = Path(source)
-    ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(source, split=split)
+    try:
+        ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(source, split=split)
+    except (OSError, ValueError) as err:  # not a saved dataset, not in the offline cache, no such split
+        raise CaptionSourceError(f"dataset {source!r} (split {split!r}) could not be loaded offline: "
+                                 f"{type(err).__name__}: {str(err)[:300]}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise KeyError(f"dataset {source} has no split {split!r}; it has {list(ds)}")
+            raise CaptionSourceError(f"dataset {source} has no split {split!r}; it has {list(ds)}")
         ds = ds[split]
     if column not in ds.column_names:
-        raise KeyError(f"dataset {source} has no column {column!r}; it has {ds.column_names}")
+        raise CaptionSourceError(f"dataset {source} has no column {column!r}; it has {ds.column_names}")
     return [Caption(f"row-{i:07d}", text) for i, text in enumerate(ds[column])]
 
 
