@@ -6,28 +6,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from transformers import CLIPTextModel
 
-from manip.models.factory import make_unet, make_vae, text_config
-from manip.models.schedulers import sampling_scheduler
-from manip.models.tokenizer import TINY_MAX_LENGTH, build_clip_tokenizer
+from manip.models.tokenizer import TINY_MAX_LENGTH
 from manip.prompts import PromptError
 from manip.sampling import generate
+from tiny_pipeline import tiny_pipeline
 
 PROMPTS = ["a red cat on the left, on the beach at sunset", "a photo of a dog in the center, in the snow at night"]
 STEPS, GUIDANCE = 3, 7.5
-
-
-def tiny_pipeline(prediction_type: str) -> StableDiffusionPipeline:
-    torch.manual_seed(0)
-    vae = make_vae([8, 16], 1, 4, 8, 32)
-    text = CLIPTextModel(text_config(hidden_size=32, layers=1, heads=2, projection_dim=32))
-    unet = make_unet([32, 64], 1, 8, text.config.hidden_size, vae.config.latent_channels, 16)
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=build_clip_tokenizer(max_length=TINY_MAX_LENGTH), unet=unet,
-        scheduler=sampling_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 @pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
@@ -38,6 +24,7 @@ def pipe(request, tmp_path_factory) -> StableDiffusionPipeline:
     loaded = StableDiffusionPipeline.from_pretrained(path)
     loaded.set_progress_bar_config(disable=True)
     assert loaded.scheduler.config.prediction_type == request.param
+    assert loaded.unet.config.use_linear_projection == (request.param == "v_prediction")  # SD-2.x-like
     assert loaded.tokenizer.model_max_length == TINY_MAX_LENGTH
     return loaded
 

@@ -22,7 +22,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 def tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0, smooth: bool = False,
                   image_size: int = 32) -> StableDiffusionPipeline:
-    """Same architecture for every seed; the seed only changes the random weights.
+    """Same architecture for every seed; the seed only changes the random weights. An
+    "epsilon" model is SD-1.x-like, a "v_prediction" one SD-2.x-like (linear projections).
 
     `image_size` 32 (VAE factor 2) or 64 (factor 4, EmojiWorld's resolution): 16 x 16 latents
     either way.
@@ -39,7 +40,9 @@ def tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0, smooth: bool 
         raise ValueError(f"image_size must be 32 or 64, got {image_size}")
     vae = make_vae([8, 16] if image_size == 32 else [8, 16, 16], 1, 4, 8, image_size)
     text = CLIPTextModel(text_config(hidden_size=32, layers=1, heads=2, projection_dim=32))
-    unet = make_unet([32, 64], 1, 8, text.config.hidden_size, vae.config.latent_channels, 16)
+    # v-prediction models are SD-2.x-like: linear projections in the transformers too.
+    unet = make_unet([32, 64], 1, 8, text.config.hidden_size, vae.config.latent_channels, 16,
+                     linear_projection=prediction_type == "v_prediction")
     if smooth:
         with torch.no_grad():
             probe = torch.randn(8, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed)) * 0.5

@@ -24,8 +24,9 @@ def make_vae(block_out_channels, layers_per_block: int, latent_channels: int, no
 
 
 def make_unet(block_out_channels, layers_per_block: int, attention_head_dim: int, cross_attention_dim: int,
-              in_channels: int, sample_size: int) -> UNet2DConditionModel:
-    """Cross-attention at every resolution below the first, like SD's outer ResNet-only level."""
+              in_channels: int, sample_size: int, linear_projection: bool = False) -> UNet2DConditionModel:
+    """Cross-attention at every resolution below the first, like SD's outer ResNet-only level;
+    `linear_projection`: the transformers' in/out projections are linear layers, as in SD 2.x."""
     n = len(block_out_channels)
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
@@ -33,7 +34,7 @@ def make_unet(block_out_channels, layers_per_block: int, attention_head_dim: int
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
         cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
-        norm_num_groups=32,
+        norm_num_groups=32, use_linear_projection=linear_projection,
     )
 
 
