@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     ed.add_argument("--etas", help="imagic: also write an eta sweep, e.g. 0.5,0.7,0.9 (OUT stem + _eta<v>.png)")
     ed.add_argument("--sentences", nargs=2, metavar=("SOURCE_TXT", "TARGET_TXT"),
                     help="pix2pix-zero: files of source-side and target-side sentences, one per line")
-    ed.add_argument("--seed", type=int, default=0)
+    ed.add_argument("--seed", type=int, default=0,
+                    help="noise of the single-image methods; P2P edits start from the inversion's noise and draw none")
 
     se = sub.add_parser("sentences", help="pix2pix-zero sentence sets from an OpenAI-compatible endpoint "
                                           "(key from OPENAI_API_KEY only)")
@@ -198,7 +199,8 @@ def run_single(args: argparse.Namespace) -> dict:
             request, notes = prepare_request(pipe, args.image, args.source, target, instruction=args.instruction,
                                              sentences=_sentences(args.sentences), seed=args.seed)
             out = editor.edit_sweep(request, etas) if etas else editor.edit(request)
-            path = out_path if len(args.target) == 1 else out_path.with_name(f"{out_path.stem}_{i + 1}{out_path.suffix}")
+            path = (out_path if len(args.target) == 1 else
+                    out_path.with_name(f"{out_path.stem}_{i + 1}{out_path.suffix}"))
             save_png(Image.fromarray(out.image), path)
             result["outputs"].append(str(path))
             result["seconds"].append(out.seconds)
