@@ -15,10 +15,6 @@ every run) so that machine drift hits both alike:
   Ours: `invert(..., "ddim")` + `manip.editing.edit.edit_inverted`. Peer: the DDIM inversion
   loop of `NullTextPipeline` + `Prompt2PromptPipeline.__call__(latents=x_T)` from
   examples/community/pipeline_prompt2prompt.py.
-- fast inversions (ours; the peers have none): negative-prompt and direct inversion, each with
-  the same P2P edit, against DDIM inversion + edit on the same images, alternating, and their
-  reconstruction against null-text's from the first task (the target: within 1 dB of null-text
-  at no more than 1.5x the seconds of DDIM + edit).
 - null-text, ours batched: every image inverted in one `invert_batch` call and reconstructed in
   one batch (how the benchmark and dataset stages run it), seconds per image, against the same
   per-image peer runs as the null-text task. The peer has no batched form.
@@ -215,13 +211,13 @@ class Runner:
         return t1 - t0, t2 - t1, to_uint8(out)
 
     # ---- DDIM + P2P
-    def ours_p2p(self, image, source, target, method: str = "ddim"):
+    def ours_p2p(self, image, source, target):
         from manip.editing.edit import edit_inverted
         from manip.editing.inversion import invert
         from manip.editing.p2p import P2PConfig
 
         t0 = time.perf_counter()
-        inv = invert(self.pipe, image, source, method, steps=self.steps, guidance_scale=GUIDANCE)
+        inv = invert(self.pipe, image, source, "ddim", steps=self.steps, guidance_scale=GUIDANCE)
         t1 = time.perf_counter()
         out = edit_inverted(self.pipe, inv, [target], P2PConfig(edit="replace", cross_replace=CROSS,
                                                                  self_replace=SELF, self_max_pixels=SELF_MAX_PIXELS))
@@ -252,32 +248,6 @@ def psnr1(a: np.ndarray, b: np.ndarray) -> float:
     from manip.metrics.image_quality import psnr
 
     return psnr(a, b)
-
-
-FAST = ("ddim", "negative-prompt", "direct")
-
-
-def fast_inversions(runner: Runner, cases, images, repeats: int, null_text_psnr: float) -> dict[str, dict]:
-    """Ours only: each fast inversion + the same P2P edit against DDIM inversion + edit, the three
-    alternating image by image. The target: reconstruction within 1 dB of null-text's at no more
-    than 1.5x the seconds of DDIM + edit."""
-    seconds: dict[str, list[float]] = {m: [] for m in FAST}
-    recon: dict[str, list[float]] = {m: [] for m in FAST}
-    for r in range(repeats):
-        for i, (case, image) in enumerate(zip(cases, images)):
-            for method in FAST if (r + i) % 2 == 0 else FAST[::-1]:
-                inv_s, sample_s, out = runner.ours_p2p(image, case.source_caption, case.target_caption, method)
-                seconds[method].append(inv_s + sample_s)
-                recon[method].append(psnr1(out[0], image))
-    ddim = statistics.median(seconds["ddim"])
-    fast = {}
-    for method in FAST:
-        s, p = statistics.median(seconds[method]), float(np.mean(recon[method]))
-        fast[method] = {"total_seconds_median": round(s, 3), "cost_over_ddim": round(s / ddim, 3),
-                        "recon_psnr_vs_input": round(p, 3), "below_null_text_db": round(null_text_psnr - p, 3)}
-        if method != "ddim":
-            fast[method]["meets_target"] = s / ddim <= 1.5 and null_text_psnr - p <= 1.0
-    return fast
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,13 +351,12 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(len(cases))))
         results[task] = res
 
-    fast = fast_inversions(runner, cases, images, args.repeats, results["null-text"]["manip"]["recon_psnr_vs_input"])
     result = {
         "model": str(model), "image_size": size, "steps": args.steps, "inner_steps": args.inner_steps,
         "guidance_scale": GUIDANCE, "repeats": args.repeats, "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus", "freeze_peer_weights": args.freeze_peer_weights,
         "cases": [{"case_id": c.case_id, "source": c.source_caption, "target": c.target_caption} for c in cases],
-        "tasks": results, "fast_inversions": fast,
+        "tasks": results,
     }
     atomic_write(Path(args.out), json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
