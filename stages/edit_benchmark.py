@@ -31,9 +31,12 @@ WORK = Path("data/edit_benchmark")
 METRICS = Path("metrics/edit_benchmark.json")
 CASES_CSV = Path("plots/edit_benchmark_cases.csv")
 GRID = Path("plots/edit_grid.png")
-# What a shard's content comes from, as in dvc.yaml's deps: shards made by other code are redone.
-CODE = ("manip/editing", "manip/metrics", "manip/sampling.py", "manip/prompts.py", "manip/multilingual/language.py",
-        "manip/multilingual/russian.py", "manip/world")
+# What a shard's images come from (dvc.yaml's deps less the scoring code, which reruns the stage
+# but only rescores): shards made by other code are redone.
+CODE = ("manip/editing/attention.py", "manip/editing/benchmark.py", "manip/editing/edit.py",
+        "manip/editing/images.py", "manip/editing/inversion.py", "manip/editing/p2p.py", "manip/editing/tokens.py",
+        "manip/sampling.py", "manip/prompts.py", "manip/multilingual/language.py", "manip/multilingual/russian.py",
+        "manip/world")
 
 
 def settings(bench: EditBenchmarkParams) -> BenchmarkSettings:

@@ -17,6 +17,7 @@ from PIL import Image
 
 import manip.editing.benchmark as bm
 from manip.editing.benchmark import KINDS, BenchmarkSettings, build_cases, differing_words
+from manip.editing.scoring import JUDGE_HITS
 from manip.metrics.image_quality import mse, psnr, ssim, ssim_map
 from manip.world import EditNotApplicable, apply_edit, caption
 from manip.world.dataset import load_split
@@ -145,6 +146,31 @@ def apply_edit_scene():
     return Scene("grass", "day", "photo", (Placed("cat", "red", "left"),))
 
 
+@pytest.mark.parametrize("added, other", [("dog", "pizza"), ("guitar", "whale"), ("rocket", "apple")])
+def test_adding_an_object_succeeds_only_with_that_object(renderer, added, other):
+    """Read by the shipped judge: the ground truth of an add edit succeeds; the unedited input,
+    and the right slot filled with another object, do not."""
+    from manip.editing.scoring import EditScorer
+    from manip.metrics.clip_scores import ClipScorer
+    from manip.metrics.judge import AttributeJudge
+    from manip.world import Placed
+    from manip.world.edits import Edit, render_edit
+
+    source = apply_edit_scene()
+    kept = source.objects[0]
+    target = source.with_(objects=(kept, Placed(added, "natural", "right")))
+    wrong = source.with_(objects=(kept, Placed(other, "natural", "right")))
+    edit = Edit("add", "", added, source, target)
+    score = EditScorer(renderer, ClipScorer(ROOT / "models/clip"), AttributeJudge.from_pretrained(ROOT / "models/judge"))
+    src, truth, _ = render_edit(renderer, edit)
+    mistaken = render_edit(renderer, Edit("add", "", other, source, wrong))[1]
+    caption_ = caption(target, 0)
+    right = score(edit, caption_, None, truth)
+    assert right["success"] == 1.0 and np.isnan(right["recon_psnr"])  # no reconstruction given, none scored
+    assert score(edit, caption_, None, src)["success"] == 0.0
+    assert score(edit, caption_, None, mistaken)["success"] == 0.0
+
+
 # ---------------------------------------------------------------- the stage, end to end
 
 
@@ -248,6 +274,24 @@ def test_stage_end_to_end_and_resume(bench_dir, monkeypatch):
     assert Path("plots/edit_benchmark_cases.csv").read_bytes() == csv_before
     assert again["inversions"] == metrics["inversions"]
 
+    # Another way of scoring rescores the stored edits and computes none of them again: with no
+    # reading required (all() of nothing) every style edit succeeds, the other kinds keep theirs;
+    # with a judge that reads nothing right, no edit succeeds.
+    with monkeypatch.context() as patched:
+        patched.setitem(JUDGE_HITS, "style", ())
+        rescored = run(with_bench(full), progress=False)
+    for m in methods:
+        now, then = rescored["inversions"][m]["by_kind"], metrics["inversions"][m]["by_kind"]
+        assert now["style"]["success"] == 1.0
+        assert {k: now[k] for k in KINDS if k != "style"} == {k: then[k] for k in KINDS if k != "style"}
+    monkeypatch.setattr("manip.editing.scoring.attribute_hits",
+                        lambda pred, scenes: {k: np.zeros(len(scenes), bool) for k in judged_attributes()})
+    blind = run(with_bench(full), progress=False)
+    assert all(blind["inversions"][m]["overall"]["success"] == 0.0 for m in methods)
+    assert all(blind["inversions"][m]["overall"]["clip_t"] == metrics["inversions"][m]["overall"]["clip_t"]
+               for m in methods)
+    assert calls == {m: 6 for m in methods} and shard_times(shards) == before
+
     # A changed setting invalidates the shards it affects (all of them here), nothing else.
     changed = full.model_copy(update={"blend_threshold": 0.5, "limit_per_run": 1, "inversions": ["ddim"]})
     partial = run(with_bench(changed), progress=False)
@@ -260,6 +304,10 @@ def test_stage_end_to_end_and_resume(bench_dir, monkeypatch):
     recoded = run(with_bench(full.model_copy(update={"limit_per_run": 1, "inversions": ["ddim"]})), progress=False)
     assert recoded["shards"] == {"done": 1, "remaining": 5}
     assert calls["ddim"] == 8
+
+
+def judged_attributes() -> set[str]:
+    return {k for kinds in JUDGE_HITS.values() for k in kinds}
 
 
 def test_stage_params_section(tmp_path):

@@ -8,10 +8,12 @@ caption change: `replace` when both captions have the same number of words, `ref
 with local blending on the words that differ.
 
 For each inversion method the source image is inverted once and the inversion reused for the
-edit. Every (method, case) pair is one shard (JSON scores + a PNG of reconstruction and edit)
-written atomically under a work directory and keyed by a fingerprint of everything that
-produced it, so a killed run resumes where it stopped and a changed setting recomputes only
-what it affects. No file layout is assumed beyond that directory.
+edit. Every (method, case) pair is one shard (a PNG of reconstruction and edit + JSON with the
+case, seconds and notes) written atomically under a work directory and keyed by a fingerprint of
+everything that produced the images, so a killed run resumes where it stopped and a changed
+setting recomputes only what it affects. Scores are computed from the stored images when shards
+are read (`manip.editing.scoring`), so changing what is measured never recomputes an edit. No
+file layout is assumed beyond that directory.
 """
 from __future__ import annotations
 
@@ -31,8 +33,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from manip.metrics.image_quality import mse, psnr, ssim
-from manip.metrics.judge import attribute_hits, predict
 from manip.training.checkpoint import atomic_write
 from manip.world.captions import caption
 from manip.world.edits import Edit, EditNotApplicable, apply_edit, render_edit
@@ -42,14 +42,10 @@ from .edit import edit_inverted_batch
 from .images import load_image
 from .inversion import METHODS, invert_batch, model_id
 from .p2p import P2PConfig
+from .scoring import EditScorer
 from .tokens import bare_word
 
 KINDS: tuple[str, ...] = ("object", "colour", "background", "time", "add", "style")
-# Which attribute_hits entries say that the edited attribute matches the target scene.
-JUDGE_HITS: dict[str, tuple[str, ...]] = {
-    "object": ("object", "position"), "colour": ("colour",), "background": ("background",),
-    "time": ("time",), "style": ("style",), "add": ("position",), "remove": ("object", "position"),
-}
 # Function words are not blended on: "a" occurs several times in most captions.
 # Function words of English and Russian captions: a word swap never needs them blended.
 STOPWORDS = frozenset({"a", "an", "the", "of", "and", "on", "in", "at", "with", "to",
@@ -221,7 +217,15 @@ def read_shard_images(work_dir: Path, method: str, case_id: str) -> tuple[np.nda
     return arr[:, :w], arr[:, w:]
 
 
-# ---------------------------------------------------------------- scoring
+def scored(record: dict, case: EditCase, work_dir: Path, score: EditScorer) -> dict:
+    """`record` with the scores of the images its shard stores added to its metrics (a shard
+    keeps only what scoring cannot redo: seconds, memory, sizes)."""
+    recon, edited = read_shard_images(work_dir, record["method"], case.case_id)
+    metrics = score(case.edit, case.target_caption, recon if record["reconstruction"] else None, edited)
+    return {**record, "metrics": {**record["metrics"], **{k: _clean(v) for k, v in metrics.items()}}}
+
+
+# ---------------------------------------------------------------- numbers
 
 
 def _clean(v) -> float | None:
@@ -233,39 +237,6 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[0] == size and img.shape[1] == size:
         return img
     return np.asarray(Image.fromarray(img).resize((size, size), Image.LANCZOS))
-
-
-def region_crop(img: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
-    """The mask's bounding box cut out of `img` and resized back to the image size."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        return None
-    crop = img[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-    return np.asarray(Image.fromarray(crop).resize((img.shape[1], img.shape[0]), Image.BICUBIC))
-
-
-def score_case(case: EditCase, source: np.ndarray, truth: np.ndarray, mask: np.ndarray, recon: np.ndarray | None,
-               edited: np.ndarray, scorer, judge) -> dict[str, float | None]:
-    """Every per-case metric except timings. `scorer` is a ClipScorer, `judge` an AttributeJudge;
-    `recon` is None for a method that renders no reconstruction."""
-    outside = ~mask
-    crop = region_crop(edited, mask)
-    batch = [source, edited] + ([crop] if crop is not None else [])
-    feats = scorer.image_features(np.stack(batch))
-    text = scorer.text_features([case.target_caption])[0]
-    hits = attribute_hits(predict(judge, edited[None]), [case.target])
-    return {
-        "recon_psnr": psnr(recon, source) if recon is not None else float("nan"),
-        "recon_ssim": ssim(recon, source) if recon is not None else float("nan"),
-        "bg_psnr": psnr(edited, source, outside), "bg_mse": mse(edited, source, outside),
-        "bg_ssim": ssim(edited, source, outside),
-        "gt_psnr_in": psnr(edited, truth, mask), "gt_psnr_out": psnr(edited, truth, outside),
-        "clip_t": float(feats[1] @ text),
-        "clip_t_region": float(feats[2] @ text) if crop is not None else float("nan"),
-        "structure_dist": float(1.0 - feats[0] @ feats[1]),
-        "success": float(all(bool(hits[k][0]) for k in JUDGE_HITS[case.kind])),
-        "mask_fraction": float(mask.mean()),
-    }
 
 
 # ---------------------------------------------------------------- running
@@ -289,12 +260,12 @@ class EditBenchmark:
                  code: str = ""):
         """`code` names the code that computes shards (the stage passes a digest of its sources):
         a shard made by other code is computed again."""
-        self.pipe, self.renderer, self.scorer, self.judge = pipe, renderer, scorer, judge
+        self.pipe, self.renderer = pipe, renderer
+        self.score = EditScorer(renderer, scorer, judge)
         self.settings = settings
         self.work_dir = Path(work_dir)
         self.size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        self.models = {"pipeline": model_id(pipe), "clip": module_digest(scorer.model), "judge": module_digest(judge),
-                       "world_size": str(renderer.size), "code": code}
+        self.models = {"pipeline": model_id(pipe), "world_size": str(renderer.size), "code": code}
 
     def fingerprint(self, case: EditCase, method: str) -> str:
         return fingerprint(case, method, self.settings, self.models)
@@ -302,8 +273,7 @@ class EditBenchmark:
     def _compute(self, cases: Sequence[EditCase], method: str) -> list[tuple[dict, bytes]]:
         """Shards of several cases inverted and edited as one batch; seconds are per case."""
         s = self.settings
-        renders = [render_edit(self.renderer, c.edit) for c in cases]
-        loaded = [load_image(source, self.size) for source, _, _ in renders]  # with a note if resized
+        loaded = [load_image(render_edit(self.renderer, c.edit)[0], self.size) for c in cases]  # notes if resized
         started = time.perf_counter()
         invs = invert_batch(self.pipe, [img for img, _ in loaded], [c.source_caption for c in cases], method,
                             steps=s.steps, guidance_scale=s.guidance_scale, inner_steps=s.null_text_inner_steps)
@@ -312,15 +282,14 @@ class EditBenchmark:
         outs = edit_inverted_batch(self.pipe, invs, [[c.target_caption] for c in cases], [s.p2p(c) for c in cases])
         edit_seconds = (time.perf_counter() - started) / len(cases)
         shards = []
-        for case, (source, truth, mask), (_, notes), out in zip(cases, renders, loaded, outs):
+        for case, (_, notes), out in zip(cases, loaded, outs):
             recon, edited = (_resize(x, self.renderer.size) for x in out[:2])
-            metrics = score_case(case, source, truth, mask, recon, edited, self.scorer, self.judge)
-            metrics.update(invert_seconds=invert_seconds, edit_seconds=edit_seconds)
             buf = io.BytesIO()
             Image.fromarray(np.concatenate([recon, edited], 1)).save(buf, format="PNG")
             record = {"fingerprint": self.fingerprint(case, method), "method": method, "case": case.to_dict(),
                       "p2p": {"edit": case.mode, "blend_words": s.p2p(case).blend_words}, "notes": notes,
-                      "metrics": {k: _clean(v) for k, v in metrics.items()}}
+                      "reconstruction": True,
+                      "metrics": {"invert_seconds": _clean(invert_seconds), "edit_seconds": _clean(edit_seconds)}}
             shards.append((record, buf.getvalue()))
         return shards
 
@@ -352,13 +321,13 @@ class EditBenchmark:
         return RunSummary(computed=done, reused=reused, remaining=total - done)
 
     def records(self, cases: Sequence[EditCase], methods: Sequence[str]) -> list[dict]:
-        """The finished shards of these cases and methods, in case order."""
+        """The finished shards of these cases and methods, scored, in case order."""
         out = []
         for c in cases:
             for m in methods:
                 rec = read_shard(self.work_dir, m, c, self.fingerprint(c, m))
                 if rec is not None:
-                    out.append(rec)
+                    out.append(scored(rec, c, self.work_dir, self.score))
         return out
 
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from manip.editing.benchmark import JUDGE_HITS
+from manip.editing.scoring import JUDGE_HITS
 from manip.metrics.clip_scores import ClipScorer
 from manip.metrics.image_quality import psnr
 from manip.metrics.judge import AttributeJudge, attribute_hits, predict

@@ -1,9 +1,10 @@
 """Every editing method on the same EmojiWorld-Edit cases, scored like the inversion benchmark.
 
 A *run* is a labelled (method, settings) pair. Each (run, case) is one shard under the work
-directory (JSON scores + a PNG of reconstruction and edit, written atomically, keyed by a
-fingerprint of everything that produced it), so a killed run resumes and a changed setting
-recomputes only what it affects. A case's parts (fine-tuned weights, inversions) are cached
+directory (a PNG of reconstruction and edit + JSON with seconds, memory and sizes, written
+atomically, keyed by a fingerprint of everything that produced the images), so a killed run
+resumes and a changed setting recomputes only what it affects; scores are computed from the
+stored images when shards are read. A case's parts (fine-tuned weights, inversions) are cached
 under the work directory while the case is in progress, so an interrupted fine-tune resumes
 from its checkpoint, and are removed once its shard is written: the benchmark measures what a
 method stores per image without keeping 4 MB of weights per case on disk.
@@ -30,9 +31,9 @@ from manip.runtime import PeakMemory
 from manip.training.checkpoint import atomic_write
 from manip.world.edits import Edit, render_edit
 
-from ..benchmark import (KINDS, METRICS, EditCase, _clean, _resize, fingerprint, module_digest, read_shard,
-                         score_case, shard_paths)
+from ..benchmark import KINDS, METRICS, EditCase, _clean, _resize, fingerprint, read_shard, scored, shard_paths
 from ..inversion import model_id
+from ..scoring import EditScorer
 from . import EDITORS, make_config
 from .base import EditRequest, PartCache
 
@@ -80,21 +81,20 @@ class MethodRuns:
         missing = sorted({r.model for r in runs} - set(pipes))
         if missing:
             raise ValueError(f"runs name models {missing} that were not given; have {sorted(pipes)}")
-        self.pipes, self.renderer, self.scorer, self.judge = pipes, renderer, scorer, judge
+        self.pipes, self.renderer = pipes, renderer
         self.runs = {r.label: r for r in runs}
         self.configs = {r.label: r.config() for r in runs}
         self.work_dir, self.seed = Path(work_dir), seed
         self.instruction, self.second_edit, self.reuse_cases = instruction, second_edit, reuse_cases
         self.sentences = sentences
         self.model_ids = {name: model_id(p) for name, p in pipes.items()}
-        self.scoring = {"clip": module_digest(scorer.model), "judge": module_digest(judge),
-                        "world_size": str(renderer.size)}
+        self.score = EditScorer(renderer, scorer, judge)
         self._reused: set[str] = set()
         self.size = renderer.size
 
     def fingerprint(self, case: EditCase, label: str) -> str:
-        """Everything a shard depends on: the case, the method and its code version, its settings
-        and model, the sentence sets it reads, the scoring models."""
+        """Everything a shard's images depend on: the case, the method and its code version, its
+        settings and model, the sentence sets it reads, the size of the renders."""
         run = self.runs[label]
         settings = {"method": run.method, "version": EDITORS[run.method].version,
                     "config": asdict(self.configs[label]), "model": run.model, "seed": self.seed,
@@ -103,7 +103,7 @@ class MethodRuns:
             settings["language"] = run.language
         if EDITORS[run.method].uses_sentences:
             settings["sentences"] = self.sentences(case.edit, case, run.language)
-        return fingerprint(case, label, settings, {"model": self.model_ids[run.model], **self.scoring})
+        return fingerprint(case, label, settings, {"model": self.model_ids[run.model], "world_size": str(self.size)})
 
     def request(self, label: str, case: EditCase, source: np.ndarray, edit: Edit | None = None) -> EditRequest:
         """Run `label`'s request for the case's edit, or for `edit` (another edit of the same
@@ -123,19 +123,19 @@ class MethodRuns:
         parts = self.work_dir / ".parts" / label / case.case_id
         cache = PartCache(parts)
         editor = EDITORS[run.method](pipe, self.configs[label], cache)
-        source, truth, mask = render_edit(self.renderer, case.edit)
+        source = render_edit(self.renderer, case.edit)[0]
         model_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         image = _resize(source, model_size)
         with PeakMemory() as peak:
             out = editor.edit(self.request(label, case, image))
         edited = _resize(out.image, self.size)
         recon = _resize(out.reconstruction, self.size) if out.reconstruction is not None else None
-        metrics = score_case(case, source, truth, mask, recon, edited, self.scorer, self.judge)
-        prepare = sum(v for k, v in out.seconds.items() if k != "edit")
-        metrics.update(prepare_seconds=prepare, edit_seconds=out.seconds["edit"],
-                       peak_memory_mb=peak.megabytes, stored_bytes=out.stored_bytes)
+        metrics = {"prepare_seconds": sum(v for k, v in out.seconds.items() if k != "edit"),
+                   "edit_seconds": out.seconds["edit"], "peak_memory_mb": peak.megabytes,
+                   "stored_bytes": out.stored_bytes}
         record = {"fingerprint": self.fingerprint(case, label), "method": label, "case": case.to_dict(),
-                  "part_seconds": out.seconds, "metrics": {k: _clean(v) for k, v in metrics.items()}}
+                  "part_seconds": out.seconds, "reconstruction": recon is not None,
+                  "metrics": {k: _clean(v) for k, v in metrics.items()}}
         if case.case_id in self._reused:
             again = editor.edit(self.request(label, case, image, self.second_edit(case)))
             record["second_edit"] = {"seconds": again.seconds, "cached": again.cached,
@@ -168,7 +168,7 @@ class MethodRuns:
             for label in labels or self.runs:
                 rec = read_shard(self.work_dir, label, c, self.fingerprint(c, label))
                 if rec is not None:
-                    out.append(rec)
+                    out.append(scored(rec, c, self.work_dir, self.score))
         return out
 
 
