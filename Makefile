@@ -72,8 +72,12 @@ run: install
 	$(VENV)/bin/dvc repro
 	$(PY) -m pipelines.report
 
+# One pytest worker per core, each on one thread (tests/conftest.py); a test file stays on one
+# worker, so its module fixtures (a tiny world, a DVC repo, a Prefect server) are built once.
+TEST_WORKERS ?= auto
+
 test: install peers browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean-checkpoints:
 	rm -rf checkpoints
