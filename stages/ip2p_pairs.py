@@ -24,9 +24,10 @@ from .params import Params, PairsParams, load_params
 
 METRICS = Path("metrics/ip2p_pairs.json")
 # What a shard's content comes from, as in dvc.yaml's deps: shards made by other code are redone.
-CODE = ("manip/ip2p/pairs.py", "manip/ip2p/clip_filter.py", "manip/ip2p/records.py", "manip/editing",
-        "manip/sampling.py", "manip/prompts.py", "manip/metrics/clip_scores.py", "manip/multilingual/language.py",
-        "manip/multilingual/russian.py")
+CODE = ("manip/ip2p/pairs.py", "manip/ip2p/clip_filter.py", "manip/ip2p/records.py", "manip/editing/attention.py",
+        "manip/editing/benchmark.py", "manip/editing/edit.py", "manip/editing/inversion.py", "manip/editing/p2p.py",
+        "manip/editing/tokens.py", "manip/sampling.py", "manip/prompts.py", "manip/metrics/clip_scores.py",
+        "manip/multilingual/language.py", "manip/multilingual/russian.py")
 
 
 def pair_settings(p: PairsParams) -> PairSettings:

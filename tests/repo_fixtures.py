@@ -39,9 +39,12 @@ def tool_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """Run a command; on failure, fail the test with the command and the tail of its output. The
-    timeout only catches a hang: a whole tiny DAG takes minutes, more beside another test worker."""
+# Catches a hang, nothing else: a whole tiny DAG takes minutes, more beside another test worker.
+COMMAND_TIMEOUT = 1800
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run a command; on failure, fail the test with the command and the tail of its output."""
     proc = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import tiny_params_dict
 from llm_server import ScriptedLLM, serve
-from repo_fixtures import ROOT, tool_env, tree_digest
+from repo_fixtures import COMMAND_TIMEOUT, ROOT, tool_env, tree_digest
 from tiny_pipeline import save_tiny_clip_and_judge, saved_tiny_pipeline
 
 SECRET = "sk-stage-secret-0987654321"
@@ -43,7 +43,7 @@ def make_project(root: Path, world: Path, ip2p: dict = IP2P) -> Path:
 def stage(root: Path, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**tool_env(), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=COMMAND_TIMEOUT)
     if check and proc.returncode != 0:
         pytest.fail(f"stage {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}", pytrace=False)
     return proc
