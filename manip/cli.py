@@ -60,6 +60,19 @@ def _inversion_settings(args: argparse.Namespace, inversion) -> None:
         setattr(args, name, value)
 
 
+def _working_size(pipe, size: str | None, image) -> tuple[int, int]:
+    """(height, width) that --size names for this image and model."""
+    from manip.editing.images import model_size, parse_size
+    from manip.editing.inversion import size_multiple
+
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if size in (None, "auto"):
+        return model_size(image.shape[1], image.shape[0], native, size_multiple(pipe))
+    if size == "square":
+        return native, native
+    return parse_size(size)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="manip", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -75,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--guidance", type=float, help=f"default {INVERSION_DEFAULTS['guidance']}; with "
                                                       "--from-inversion, the artifact's")
         p.add_argument("--inner-steps", type=int, default=10, help="null-text Adam steps per timestep")
+        p.add_argument("--size", help="P2P's working size: auto (the default: the image's aspect ratio at about the "
+                                      "model's pixel count), square (the model's native square, centre-cropped) or "
+                                      "WIDTHxHEIGHT; with --from-inversion, the artifact's")
 
     inv = sub.add_parser("invert", help="invert an image and save the reusable artifact")
     common(inv)
@@ -181,6 +197,8 @@ def run_single(args: argparse.Namespace) -> dict:
         raise ValueError("--settings must be a JSON object")
     config = make_config(args.method, settings)
     etas = [float(v) for v in args.etas.split(",")] if args.etas else []
+    if args.size:
+        raise ValueError(f"--size is for --method p2p: {args.method} edits at the model's native square")
     if etas and args.method != "imagic":
         raise ValueError("--etas is for --method imagic")
     model = Path(args.model)
@@ -265,7 +283,7 @@ def run(args: argparse.Namespace) -> dict:
     from manip.editing.attention import AttentionStore
     from manip.editing.edit import edit_inverted
     from manip.editing.heatmaps import render_heatmaps
-    from manip.editing.images import load_image
+    from manip.editing.images import fit, load_image
     from manip.editing.inversion import Inversion, encode_image, invert
     from manip.editing.p2p import P2PConfig, PromptToPrompt
     from manip.runtime import device, set_threads
@@ -279,12 +297,17 @@ def run(args: argparse.Namespace) -> dict:
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device())
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     reused = Inversion.load(args.from_inversion, pipe) if args.command == "edit" and args.from_inversion else None
-    if reused is not None:
-        reused.check(pipe, size)
     _inversion_settings(args, reused)
-    image, notes = load_image(args.image, size)
+    image, notes = load_image(args.image, None)
+    if reused is None:
+        height, width = _working_size(pipe, args.size, image)
+    else:  # the artifact's size; a --size that names another is refused
+        height, width = reused.height, reused.width
+        if args.size:
+            reused.check(pipe, *_working_size(pipe, args.size, image))
+    image, resized = fit(image, (height, width))
+    notes += resized
     prompts = [args.source, *getattr(args, "target", [])]
     if any(not p.strip() for p in prompts):
         raise ValueError("prompts must not be empty")

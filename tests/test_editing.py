@@ -38,11 +38,13 @@ TARGET = "a red dog on the left, on the beach at sunset"
 TARGET2 = "a blue dog on the left, on the beach at sunset"
 
 
-def make_image(size: int = 32) -> np.ndarray:
-    """A smooth gradient with a red square: something a VAE can represent."""
-    yy, xx = np.mgrid[0:size, 0:size]
-    img = np.stack([xx * 256 // size, yy * 256 // size, (xx + yy) * 128 // size], -1).clip(0, 255).astype(np.uint8)
-    img[size // 4 : size * 5 // 8, size // 3 : size * 2 // 3] = (200, 40, 40)
+def make_image(size: int = 32, width: int | None = None) -> np.ndarray:
+    """A smooth gradient with a red square, `size` high and `width` (default `size`) wide:
+    something a VAE can represent."""
+    h, w = size, width or size
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 256 // w, yy * 256 // h, (xx + yy) * 128 // max(h, w)], -1).clip(0, 255).astype(np.uint8)
+    img[h // 4 : h * 5 // 8, w // 3 : w * 2 // 3] = (200, 40, 40)
     return img
 
 
@@ -99,7 +101,7 @@ def plain_reconstruction(pipe, inv: Inversion) -> np.ndarray:
 
 def test_inversion_artifact_shapes(pipe, inversions, image):
     for m, inv in inversions.items():
-        assert inv.method == m and inv.prompt == SOURCE and inv.steps == STEPS and inv.size == 32
+        assert inv.method == m and inv.prompt == SOURCE and inv.steps == STEPS and (inv.height, inv.width) == (32, 32)
         assert inv.trajectory.shape == (STEPS + 1, 4, 16, 16)
         assert inv.uncond.shape == (STEPS, TINY_MAX_LENGTH, 32)
         assert inv.model == model_id(pipe)
@@ -293,6 +295,79 @@ def test_cross_and_self_replace_fractions_matter(pipe, inversions):
         P2PConfig(edit="reweight")
 
 
+# ---------------------------------------------------------------- non-square images
+
+
+WIDE = (24, 40)  # height, width: 12 x 20 latents, 6 x 10 attention at the coarse resolution
+
+
+@pytest.fixture(scope="module")
+def wide_inversions(pipe) -> dict[str, Inversion]:
+    image = make_image(*WIDE)
+    return {m: invert(pipe, image, SOURCE, m, steps=STEPS, guidance_scale=GUIDANCE, inner_steps=INNER)
+            for m in ("ddim", "null-text")}
+
+
+def test_non_square_images_invert_and_edit(pipe, wide_inversions, monkeypatch):
+    """A wide image goes through every part that reads attention as a grid: the inversions keep
+    its size, null-text still beats DDIM, an identical-prompt edit is the reconstruction, local
+    blending masks a (height, width) region, and heatmaps come out the image's shape."""
+    from manip.editing.attention import AttentionStore
+    from manip.editing.heatmaps import render_heatmaps, word_maps
+
+    capture = LatentCapture(monkeypatch)
+    h, w = WIDE
+    ddim, null = wide_inversions["ddim"], wide_inversions["null-text"]
+    assert (null.height, null.width) == WIDE and null.trajectory.shape == (STEPS + 1, 4, h // 2, w // 2)
+    vae_rec = decode(pipe, ddim.trajectory[0:1])
+    recon = {m: float(psnr(edit_inverted(pipe, inv, [SOURCE])[:1], vae_rec)[0]) for m, inv in wide_inversions.items()}
+    assert recon["null-text"] > recon["ddim"] + 0.5, recon
+    same = edit_inverted(pipe, null, [SOURCE], P2PConfig(blend_words=(["cat"], ["cat"])))
+    assert same.shape == (2, h, w, 3) and np.array_equal(same[1], same[0])
+    assert max_diff(same[0], plain_reconstruction(pipe, null)) <= 1
+
+    masks: list[torch.Tensor] = []
+    real_end = LocalBlend.end_step
+    monkeypatch.setattr(LocalBlend, "end_step",
+                        lambda self, step, latents: masks.append(self.masks(*latents.shape[-2:])) or
+                        real_end(self, step, latents))
+    store = AttentionStore(guided=True)
+    out = edit_inverted(pipe, null, [TARGET], P2PConfig(blend_words=(["cat"], ["dog"]), blend_threshold=0.95),
+                        record=store)
+    assert masks[-1].shape == (1, 1, 1, h // 2, w // 2) and 0 < masks[-1].mean() < 1
+    inside = masks[-1][0, 0].bool().expand(4, -1, -1)
+    assert torch.equal(capture.latents[-1][1][~inside], capture.latents[-1][0][~inside])
+    assert list(store.maps(h, w)) == [(h // 4, w // 4)]  # the tiny UNet attends at its coarse level only
+    rows = word_maps(store, pipe.tokenizer, [SOURCE, TARGET], h, w)
+    assert all(m.shape == (h, w) for _, m in rows[1])
+    assert render_heatmaps(store, pipe.tokenizer, [SOURCE, TARGET], out).size == (
+        (1 + len(SOURCE.split())) * 2 * w, 2 * (2 * h + 12))
+    with pytest.raises(InversionMismatch, match=r"40x24 \(width x height\) images, asked for 32x32"):
+        null.check(pipe, 32, 32)
+
+
+def test_null_text_keeps_the_embedding_that_meets_the_early_stop_level(pipe, image, monkeypatch):
+    """An image whose loss is under the early-stop level keeps the embedding of that forward and
+    takes that forward's latent as its next one: with a level every step meets at once, no Adam
+    step is taken (the empty prompt's embedding stays at every step) and each step costs one
+    conditional and one unconditional forward. One never met costs the inner steps plus a last
+    forward with the final embedding."""
+    from manip.editing.inversion import ddim_trajectory, null_text_optimise
+
+    scheduler = ddim_scheduler(pipe)
+    cond, empty = encode_prompts(pipe, [SOURCE]), encode_prompts(pipe, [""])
+    trajectory = ddim_trajectory(pipe, encode_image(pipe, image), cond, STEPS, scheduler)
+    calls = []
+    forward = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    met = null_text_optimise(pipe, trajectory, cond, empty, STEPS, GUIDANCE, scheduler, early_stop=1e3)
+    assert len(calls) == 2 * STEPS and torch.equal(met, empty.expand(STEPS, *empty.shape))
+    calls.clear()
+    never = null_text_optimise(pipe, trajectory, cond, empty, STEPS, GUIDANCE, scheduler, inner_steps=2,
+                               early_stop=-1.0)
+    assert len(calls) == STEPS * (1 + 2 + 1) and not torch.equal(never, met)
+
+
 # ---------------------------------------------------------------- local blend
 
 
@@ -302,7 +377,7 @@ def test_local_blend_keeps_outside_of_mask_on_source(pipe, inversions, monkeypat
 
     def end_step(self, step, latents):
         out = real_end(self, step, latents)
-        records.append((self.masks(latents.shape[-1]), out.clone()))
+        records.append((self.masks(*latents.shape[-2:]), out.clone()))
         return out
 
     monkeypatch.setattr(LocalBlend, "end_step", end_step)
@@ -355,15 +430,15 @@ def test_attention_heatmaps_follow_the_words(pipe, inversions):
     out = edit_inverted(pipe, inversions["ddim"], [TARGET], record=store)
     assert np.array_equal(out, edit_inverted(pipe, inversions["ddim"], [TARGET]))
     k = pipe.tokenizer.model_max_length
-    assert store.maps() and all(m.shape == (2, side, side, k) for side, m in store.maps().items())
-    rows = word_maps(store, pipe.tokenizer, [SOURCE, TARGET], 32)
+    assert store.maps(32, 32) and all(m.shape == (2, h, w, k) for (h, w), m in store.maps(32, 32).items())
+    rows = word_maps(store, pipe.tokenizer, [SOURCE, TARGET], 32, 32)
     assert [w for w, _ in rows[0]] == SOURCE.split() and [w for w, _ in rows[1]] == TARGET.split()
     for _, m in rows[0]:
         assert m.shape == (32, 32) and m.min() == 0.0 and abs(m.max() - 1.0) < 1e-6
     img = render_heatmaps(store, pipe.tokenizer, [SOURCE, TARGET], out)
     assert img.size == ((1 + len(SOURCE.split())) * 64, 2 * (64 + 12))
     with pytest.raises(ValueError, match="maps of 2 prompts"):
-        word_maps(store, pipe.tokenizer, [SOURCE], 32)
+        word_maps(store, pipe.tokenizer, [SOURCE], 32, 32)
 
 
 def test_local_blend_words_must_be_in_prompts(pipe, inversions):
@@ -500,14 +575,19 @@ def test_inversion_save_load_round_trip(pipe, inversions, tmp_path):
     inv.save(tmp_path / "inv")
     assert sorted(p.name for p in (tmp_path / "inv").iterdir()) == ["inversion.json", "inversion.safetensors"]
     meta = json.loads((tmp_path / "inv" / "inversion.json").read_text())
-    assert meta["method"] == "null-text" and meta["model"] == model_id(pipe) and meta["size"] == 32
+    assert meta["method"] == "null-text" and meta["model"] == model_id(pipe)
+    assert (meta["height"], meta["width"]) == (32, 32)
     loaded = Inversion.load(tmp_path / "inv", pipe)
-    for field in ("method", "prompt", "steps", "guidance_scale", "model", "size", "seconds", "notes"):
+    for field in ("method", "prompt", "steps", "guidance_scale", "model", "height", "width", "seconds", "notes"):
         assert getattr(loaded, field) == getattr(inv, field), field
     assert torch.equal(loaded.trajectory, inv.trajectory) and torch.equal(loaded.uncond, inv.uncond)
     assert np.array_equal(edit_inverted(pipe, loaded, [TARGET]), edit_inverted(pipe, inv, [TARGET]))
     inv.save(tmp_path / "inv")  # overwriting an artifact is atomic and leaves no staging folders
     assert [p.name for p in tmp_path.iterdir()] == ["inv"]
+    # Artifacts written before non-square support hold one `size` for both sides.
+    legacy = {k: v for k, v in meta.items() if k not in ("height", "width")} | {"size": 32}
+    (tmp_path / "inv" / "inversion.json").write_text(json.dumps(legacy))
+    assert (Inversion.load(tmp_path / "inv", pipe).height, Inversion.load(tmp_path / "inv").width) == (32, 32)
 
 
 def test_inversion_refused_by_another_model_or_size(pipe, inversions, tmp_path):
@@ -518,9 +598,9 @@ def test_inversion_refused_by_another_model_or_size(pipe, inversions, tmp_path):
         Inversion.load(tmp_path / "inv", other)
     with pytest.raises(InversionMismatch):
         edit_inverted(other, inv, [TARGET])
-    with pytest.raises(InversionMismatch, match="32x32 images, asked for 64x64"):
-        inv.check(pipe, size=64)
-    inv.check(pipe, size=32)
+    with pytest.raises(InversionMismatch, match=r"32x32 \(width x height\) images, asked for 64x32"):
+        inv.check(pipe, height=32, width=64)
+    inv.check(pipe, 32, 32)
     # The same weights saved and reloaded from another folder are the same model.
     saved = saved_tiny_pipeline(tmp_path / "model", pipe.scheduler.config.prediction_type, seed=0, smooth=True)
     from diffusers import StableDiffusionPipeline
@@ -550,11 +630,11 @@ def test_inversion_load_errors(tmp_path, pipe, inversions):
 
 
 @pytest.mark.parametrize("image, why", [
-    (make_image().astype(np.float32), "square uint8 HxWx3"),
-    (make_image()[:, :, :1], "square uint8 HxWx3"),
-    (np.concatenate([make_image(), make_image()[:, :, :1]], -1), "square uint8 HxWx3"),
-    (make_image()[:, :24], "square uint8 HxWx3"),
-    (make_image()[:18, :18], "must be a multiple of"),
+    (make_image().astype(np.float32), "uint8 HxWx3"),
+    (make_image()[:, :, :1], "uint8 HxWx3"),
+    (np.concatenate([make_image(), make_image()[:, :, :1]], -1), "uint8 HxWx3"),
+    (make_image()[:18, :18], "size 18x18 .* multiple of 4 on both sides"),
+    (make_image()[:, :30], "size 30x32 .* multiple of 4 on both sides"),
 ])
 def test_invert_refuses_images_it_cannot_take(pipe, image, why):
     with pytest.raises(ValueError, match=why):
@@ -565,7 +645,7 @@ def test_invert_refuses_an_empty_prompt_and_mixed_sizes(pipe):
     with pytest.raises(ValueError, match="prompts must not be empty"):
         invert(pipe, make_image(), "  ", "ddim", steps=1)
     with pytest.raises(ValueError, match="must share a size"):
-        invert_batch(pipe, [make_image(), make_image(64)], [SOURCE, SOURCE], "ddim", steps=1)
+        invert_batch(pipe, [make_image(), make_image(32, 40)], [SOURCE, SOURCE], "ddim", steps=1)
 
 
 def test_null_text_with_more_than_100_steps():
@@ -630,7 +710,7 @@ def test_load_image_wrong_size_resized_with_note(tmp_path):
     Image.fromarray(rgb_array(48, 40)).save(tmp_path / "wide.png")
     arr, notes = load_image(tmp_path / "wide.png", 32)
     assert arr.shape == (32, 32, 3)
-    assert notes == ["resized from 48x40 to 32x32 (centre crop to square first)"]
+    assert notes == ["resized from 48x40 to 32x32 (width x height, centre-cropped to that aspect ratio first)"]
     arr, notes = load_image(rgb_array(), 32)  # arrays and PIL images are accepted too
     assert notes == [] and np.array_equal(arr, rgb_array())
     assert load_image(Image.fromarray(rgb_array()).convert("L"), 32)[1] == ["converted from mode L to RGB"]
@@ -722,6 +802,8 @@ def cli_model(tmp_path_factory) -> Path:
 
 
 def test_cli_invert_then_edit_from_inversion(cli_model, tmp_path):
+    """A 40x48 RGBA photo is worked on at its own aspect ratio (28x36 at about the model's 32x32
+    pixels, sides multiples of 4), inverted once, then edited from the artifact."""
     rgba = np.concatenate([rgb_array(40, 48), np.full((48, 40, 1), 255, np.uint8)], -1)
     Image.fromarray(rgba).save(tmp_path / "in.png")
     proc = cli("invert", "--model", str(cli_model), "--image", "in.png", "--source", SOURCE, "--inversion",
@@ -730,9 +812,11 @@ def test_cli_invert_then_edit_from_inversion(cli_model, tmp_path):
     result = json.loads(proc.stdout)
     assert result["artifact"] == "inv"
     assert result["notes"] == ["converted from mode RGBA to RGB",
-                               "resized from 40x48 to 32x32 (centre crop to square first)"]
+                               "resized from 40x48 to 28x36 (width x height, centre-cropped to that aspect ratio "
+                               "first)"]
     meta = json.loads((tmp_path / "inv" / "inversion.json").read_text())
     assert meta["method"] == "null-text" and meta["steps"] == 3 and meta["notes"] == result["notes"]
+    assert (meta["height"], meta["width"]) == (36, 28)
 
     proc = cli("edit", "--model", str(cli_model), "--image", "in.png", "--source", SOURCE, "--target", TARGET,
                "--target", TARGET2, "--from-inversion", "inv", "--blend-source", "cat",
@@ -742,10 +826,10 @@ def test_cli_invert_then_edit_from_inversion(cli_model, tmp_path):
     result = json.loads(proc.stdout)
     assert result["outputs"] == ["out/edit_1.png", "out/edit_2.png"] and result["heatmaps"] == "maps.png"
     # A row per prompt: the image and one tile per word (11 words), each 2x the image plus a label.
-    assert Image.open(tmp_path / "maps.png").size == (12 * 64, 3 * (64 + 12))
+    assert Image.open(tmp_path / "maps.png").size == (12 * 56, 3 * (72 + 12))
     assert result["inversion_seconds"] == meta["seconds"]  # reused, not recomputed
     for p in result["outputs"]:
-        assert Image.open(tmp_path / p).size == (32, 32)
+        assert Image.open(tmp_path / p).size == (28, 36)
     # The library on the same artifact gives the same pixels.
     from diffusers import StableDiffusionPipeline
 
@@ -793,7 +877,24 @@ def test_cli_bad_inputs_exit_2_with_one_error_line(cli_model, tmp_path, monkeypa
                            "--cross-replace", "1.5", "--out", "o.png"), "cross_replace")
     assert_clean_error(run("invert", "--model", str(cli_model), "--image", "ok.png", "--source", SOURCE,
                            "--steps", "0", "--out", "inv"), "steps must be between 1 and 1000, got 0")
+    for size, why in (("big", "WIDTHxHEIGHT"), ("0x32", "positive sides"), ("30x32", "size 30x32")):
+        assert_clean_error(run("invert", *base, "--image", "ok.png", "--source", SOURCE, "--size", size,
+                               "--out", "inv"), why)
+    assert_clean_error(run("edit", *base, "--method", "imagic", "--image", "ok.png", "--source", SOURCE,
+                           "--target", TARGET, "--size", "square", "--out", "o.png"), "--size is for --method p2p")
     assert not (tmp_path / "o.png").exists() and not (tmp_path / "inv").exists()
+
+
+def test_cli_size_square_and_explicit(cli_model, tmp_path, monkeypatch, capsys):
+    Image.fromarray(rgb_array(40, 48)).save(tmp_path / "in.png")
+    for size, (height, width) in (("square", (32, 32)), ("40x24", (24, 40))):
+        proc = cli_in_process("edit", "--model", str(cli_model), "--image", "in.png", "--source", SOURCE, "--target",
+                              TARGET, "--inversion", "ddim", "--steps", "2", "--size", size, "--out", f"{size}.png",
+                              cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+        assert proc.returncode == 0, proc.stderr
+        assert Image.open(tmp_path / f"{size}.png").size == (width, height)
+        assert json.loads(proc.stdout)["notes"] == [f"resized from 40x48 to {width}x{height} (width x height, "
+                                                    "centre-cropped to that aspect ratio first)"]
 
 
 def test_cli_refuses_inversion_of_another_model(cli_model, tmp_path, monkeypatch, capsys):
@@ -819,6 +920,8 @@ def test_cli_refuses_inversion_of_another_model(cli_model, tmp_path, monkeypatch
                        "--steps 5 differs from the inversion artifact's 2")
     assert_clean_error(run(*edit, "--image", "ok.png", "--source", SOURCE, "--inversion", "null-text"),
                        "--inversion null-text differs from the inversion artifact's ddim")
+    assert_clean_error(run(*edit, "--image", "ok.png", "--source", SOURCE, "--size", "64x32"),
+                       "inversion is for 32x32 (width x height) images, asked for 64x32")
     assert not (tmp_path / "o.png").exists()
     proc = run(*edit, "--image", "ok.png", "--source", SOURCE, "--steps", "2", "--inversion", "ddim")
     assert proc.returncode == 0, proc.stderr

@@ -7,6 +7,7 @@ probabilities of every call as (batch, heads, queries, keys) and may return modi
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -93,17 +94,28 @@ class AttentionStore:
             self._counts[call.pixels] = self._counts.get(call.pixels, 0) + 1
         return probs
 
-    def maps(self) -> dict[int, torch.Tensor]:
-        """{side: (batch, side, side, tokens)} averaged maps at every resolution seen."""
+    def maps(self, height: int, width: int) -> dict[tuple[int, int], torch.Tensor]:
+        """{(h, w): (batch, h, w, tokens)} averaged maps at every resolution seen, for an image
+        or latent of `height` x `width` (queries only count pixels: the aspect says how they lie)."""
         out = {}
         for pixels, total in self._sums.items():
-            side = int(round(pixels**0.5))
+            h, w = grid(pixels, height, width)
             avg = total / self._counts[pixels]
-            out[side] = avg.reshape(avg.shape[0], side, side, avg.shape[-1])
+            out[h, w] = avg.reshape(avg.shape[0], h, w, avg.shape[-1])
         return out
 
-    def token_map(self, size: int) -> torch.Tensor:
-        """(batch, size, size, tokens): all resolutions upsampled to `size` and averaged."""
-        ups = [torch.nn.functional.interpolate(m.permute(0, 3, 1, 2), size=(size, size), mode="bilinear",
-                                               align_corners=False) for m in self.maps().values()]
+    def token_map(self, height: int, width: int) -> torch.Tensor:
+        """(batch, height, width, tokens): all resolutions upsampled to one size and averaged."""
+        ups = [torch.nn.functional.interpolate(m.permute(0, 3, 1, 2), size=(height, width), mode="bilinear",
+                                               align_corners=False) for m in self.maps(height, width).values()]
         return torch.stack(ups).mean(0).permute(0, 2, 3, 1)
+
+
+def grid(pixels: int, height: int, width: int) -> tuple[int, int]:
+    """(h, w) of an attention map with `pixels` queries over an image of `height` x `width`: the
+    UNet divides both sides by one factor."""
+    factor = math.sqrt(height * width / pixels)
+    h, w = round(height / factor), round(width / factor)
+    if h * w != pixels:
+        raise ValueError(f"{pixels} attention queries do not tile a {height}x{width} image")
+    return h, w

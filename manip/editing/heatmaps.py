@@ -17,9 +17,10 @@ from .tokens import word_spans
 LABEL_HEIGHT = 12
 
 
-def word_maps(store: AttentionStore, tokenizer, prompts: Sequence[str], size: int) -> list[list[tuple[str, np.ndarray]]]:
-    """For each prompt, (word, map in [0, 1] of shape (size, size)) for every word, in order."""
-    maps = store.token_map(size).cpu().numpy()  # (batch, size, size, K)
+def word_maps(store: AttentionStore, tokenizer, prompts: Sequence[str], height: int,
+              width: int) -> list[list[tuple[str, np.ndarray]]]:
+    """For each prompt, (word, map in [0, 1] of shape (height, width)) for every word, in order."""
+    maps = store.token_map(height, width).cpu().numpy()  # (batch, height, width, K)
     if len(maps) != len(prompts):
         raise ValueError(f"the store holds maps of {len(maps)} prompts, got {len(prompts)} prompts")
     out = []
@@ -45,16 +46,15 @@ def _overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
 def render_heatmaps(store: AttentionStore, tokenizer, prompts: Sequence[str], images: np.ndarray,
                     scale: int = 2) -> Image.Image:
     """One row per prompt: its image (uint8 HxWx3), then one labelled heatmap per word."""
-    side = images.shape[1]
-    rows = word_maps(store, tokenizer, prompts, side)
-    cell = side * scale
-    width = cell * (1 + max(len(r) for r in rows))
-    canvas = Image.new("RGB", (width, (cell + LABEL_HEIGHT) * len(rows)), "white")
+    height, width = images.shape[1:3]
+    rows = word_maps(store, tokenizer, prompts, height, width)
+    cell_h, cell_w = height * scale, width * scale
+    canvas = Image.new("RGB", (cell_w * (1 + max(len(r) for r in rows)), (cell_h + LABEL_HEIGHT) * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (row, image) in enumerate(zip(rows, images)):
-        y = i * (cell + LABEL_HEIGHT)
+        y = i * (cell_h + LABEL_HEIGHT)
         tiles = [("image", image)] + [(word, _overlay(image, heat)) for word, heat in row]
         for j, (label, tile) in enumerate(tiles):
-            canvas.paste(Image.fromarray(tile).resize((cell, cell), Image.NEAREST), (j * cell, y))
-            draw.text((j * cell + 2, y + cell), label[: max(1, cell // 6)], fill="black")
+            canvas.paste(Image.fromarray(tile).resize((cell_w, cell_h), Image.NEAREST), (j * cell_w, y))
+            draw.text((j * cell_w + 2, y + cell_h), label[: max(1, cell_w // 6)], fill="black")
     return canvas

@@ -2,6 +2,7 @@
 documented conversion, never a traceback from deep inside torch."""
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -27,8 +28,41 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(source: str | Path | Image.Image | np.ndarray, size: int) -> tuple[np.ndarray, list[str]]:
-    """(uint8 HxWx3 image at `size` x `size`, notes about conversions applied)."""
+def model_size(width: int, height: int, side: int, multiple: int) -> tuple[int, int]:
+    """(height, width) for a model of native side `side`: the image's aspect ratio at about the
+    model's pixel count, each side a multiple of `multiple` (the UNet's total downsampling)."""
+    scale = side / math.sqrt(width * height)
+    return (max(multiple, round(height * scale / multiple) * multiple),
+            max(multiple, round(width * scale / multiple) * multiple))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' -> (height, width)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a size is WIDTHxHEIGHT in pixels, e.g. 96x64, got {text!r}") from None
+    if width <= 0 or height <= 0:
+        raise ValueError(f"a size needs positive sides, got {text!r}")
+    return height, width
+
+
+def fit(image: np.ndarray, size: int | tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+    """uint8 HxWx3 image at `size` (a side, or (height, width)): centre-cropped to that aspect
+    ratio, then resized; a note says so when anything changed."""
+    height, width = (size, size) if isinstance(size, int) else size
+    if image.shape[:2] == (height, width):
+        return image, []
+    im = ImageOps.fit(Image.fromarray(image), (width, height), Image.LANCZOS)
+    crop = "" if image.shape[0] * width == image.shape[1] * height else ", centre-cropped to that aspect ratio first"
+    note = f"resized from {image.shape[1]}x{image.shape[0]} to {width}x{height} (width x height{crop})"
+    return np.asarray(im, dtype=np.uint8).copy(), [note]
+
+
+def load_image(source: str | Path | Image.Image | np.ndarray,
+               size: int | tuple[int, int] | None) -> tuple[np.ndarray, list[str]]:
+    """(uint8 HxWx3 image, notes about conversions applied); `size` is a side (square), a
+    (height, width), or None to keep the image's own size."""
     notes: list[str] = []
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3):
@@ -70,7 +104,8 @@ def load_image(source: str | Path | Image.Image | np.ndarray, size: int) -> tupl
     if im.mode != "RGB":
         notes.append(f"converted from mode {im.mode} to RGB")
         im = _to_rgb(im)
-    if im.size != (size, size):
-        notes.append(f"resized from {im.width}x{im.height} to {size}x{size} (centre crop to square first)")
-        im = ImageOps.fit(im, (size, size), Image.LANCZOS)
-    return np.asarray(im, dtype=np.uint8).copy(), notes
+    image = np.asarray(im, dtype=np.uint8).copy()
+    if size is None:
+        return image, notes
+    image, resized = fit(image, size)
+    return image, notes + resized

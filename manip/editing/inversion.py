@@ -103,7 +103,8 @@ class Inversion:
     trajectory: torch.Tensor  # (steps + 1, C, h, w): [0] is the clean latent, [steps] is x_T
     uncond: torch.Tensor  # (steps, K, D) unconditional context for each sampling step
     model: str  # model_id of the pipeline it was made with
-    size: int  # image side in pixels
+    height: int  # image size in pixels
+    width: int
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -111,20 +112,22 @@ class Inversion:
     def x_T(self) -> torch.Tensor:
         return self.trajectory[-1:]
 
-    def check(self, pipe: StableDiffusionPipeline, size: int | None = None) -> None:
+    def check(self, pipe: StableDiffusionPipeline, height: int | None = None, width: int | None = None) -> None:
         mid = model_id(pipe)
         if mid != self.model:
             raise InversionMismatch(f"inversion was made with model {self.model}, this pipeline is {mid}")
-        if size is not None and size != self.size:
-            raise InversionMismatch(f"inversion is for {self.size}x{self.size} images, asked for {size}x{size}")
+        asked = (height or self.height, width or self.width)
+        if asked != (self.height, self.width):
+            raise InversionMismatch(f"inversion is for {self.width}x{self.height} (width x height) images, asked "
+                                    f"for {asked[1]}x{asked[0]}")
 
     def save(self, directory: str | Path) -> None:
         final = Path(directory)
         tmp = staging_dir(final)
         save_file({"trajectory": self.trajectory.contiguous(), "uncond": self.uncond.contiguous()},
                   str(tmp / "inversion.safetensors"))
-        meta = {k: getattr(self, k) for k in ("method", "prompt", "steps", "guidance_scale", "model", "size",
-                                               "seconds", "notes")}
+        meta = {k: getattr(self, k) for k in ("method", "prompt", "steps", "guidance_scale", "model", "height",
+                                               "width", "seconds", "notes")}
         (tmp / "inversion.json").write_text(json.dumps(meta, indent=1))
         replace_dir(tmp, final)
 
@@ -135,6 +138,9 @@ class Inversion:
             raise FileNotFoundError(f"no inversion artifact at {directory} (expected inversion.json)")
         try:
             meta = json.loads((directory / "inversion.json").read_text())
+            if "size" in meta:  # artifacts from before non-square images: one side for both
+                side = meta.pop("size")
+                meta.update(height=side, width=side)
             tensors = load_file(str(directory / "inversion.safetensors"))
             inv = cls(trajectory=tensors["trajectory"], uncond=tensors["uncond"], **meta)
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
@@ -188,6 +194,9 @@ def null_text_optimise(pipe: StableDiffusionPipeline, trajectory: torch.Tensor, 
     Each image's embedding sees only its own loss (the batch loss is a sum of per-image means,
     and Adam is element-wise), and an image that reaches the early-stop level keeps the value it
     stopped at while the others go on: a batch gives every image what a run on its own would.
+    An image stops with the embedding whose loss met the level (the reference takes one more
+    Adam step past it), so the forward that measured that loss also gave its next latent: a
+    step that stops costs no backward and no extra forward.
     Only the embedding takes gradients: the model's weights are frozen, so backward skips every
     weight gradient."""
     scheduler.set_timesteps(steps)
@@ -209,41 +218,56 @@ def null_text_optimise(pipe: StableDiffusionPipeline, trajectory: torch.Tensor, 
             # negative (Adam refuses a negative rate: null-text with > 101 steps used to crash).
             opt = torch.optim.Adam([u], lr=lr * (1.0 - i / max(100, 2 * steps)))
             running = torch.ones(len(x), dtype=torch.bool, device=x.device)
+            x_next = torch.empty_like(x)
             for _ in range(inner_steps):
                 x_prev = ddim_jump(x, _guided_eps(pipe, x, t, cond_eps, u, guidance, a_t, ptype), a_t, a_prev)
                 losses = (x_prev - target).pow(2).flatten(1).mean(1)
+                stopped = running & (losses.detach() < early_stop + i * 2e-5)
+                # A stopped image's embedding is the one this forward used, so its next latent
+                # is this forward's result: no extra forward, no backward that would be undone.
+                x_next[stopped] = x_prev.detach()[stopped]
+                running &= ~stopped
+                if not running.any():
+                    break
                 opt.zero_grad(set_to_none=True)
                 losses.sum().backward()
                 before = u.detach().clone()
                 opt.step()
                 with torch.no_grad():
                     u[~running] = before[~running]
-                running &= losses.detach() >= early_stop + i * 2e-5
-                if not running.any():
-                    break
             u = u.detach()
             out.append(u)
-            with torch.no_grad():
-                x = ddim_jump(x, _guided_eps(pipe, x, t, cond_eps, u, guidance, a_t, ptype), a_t, a_prev)
+            if running.any():  # the images still optimising took a step after their last forward
+                with torch.no_grad():
+                    eps = _guided_eps(pipe, x[running], t, cond_eps[running], u[running], guidance, a_t, ptype)
+                    x_next[running] = ddim_jump(x[running], eps, a_t, a_prev)
+            x = x_next
     finally:
         for p in frozen:
             p.requires_grad_(True)
     return torch.stack(out)
 
 
+def size_multiple(pipe: StableDiffusionPipeline) -> int:
+    """Pixels per latent pixel at the UNet's coarsest resolution: an image side must be a
+    multiple of this for every attention map to tile the image."""
+    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+
+
 def check_images(pipe: StableDiffusionPipeline, images: Sequence[np.ndarray]) -> None:
-    """Images the model can invert as one batch: uint8 RGB, square (attention maps are read as
-    square grids), all one size, a multiple of the UNet's total downsampling. Any file becomes
-    one with `manip.editing.images.load_image`."""
-    stride = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+    """Images the model can invert as one batch: uint8 RGB, all one size, each side a multiple of
+    the UNet's total downsampling (so every attention map tiles the image). Any file becomes one
+    with `manip.editing.images.load_image`."""
+    stride = size_multiple(pipe)
     shapes = set()
     for i, image in enumerate(images):
         arr = np.asarray(image)
-        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] != arr.shape[1]:
-            raise ValueError(f"image {i}: need a square uint8 HxWx3 RGB array, got {arr.dtype} {arr.shape} "
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"image {i}: need a uint8 HxWx3 RGB array, got {arr.dtype} {arr.shape} "
                              "(manip.editing.images.load_image makes one from any image file)")
-        if arr.shape[0] % stride:
-            raise ValueError(f"image {i}: its side {arr.shape[0]} must be a multiple of {stride} for this model")
+        if arr.shape[0] % stride or arr.shape[1] % stride:
+            raise ValueError(f"image {i}: its size {arr.shape[1]}x{arr.shape[0]} (width x height) must be a multiple "
+                             f"of {stride} on both sides for this model (manip.editing.images.model_size picks one)")
         shapes.add(arr.shape)
     if len(shapes) > 1:
         raise ValueError(f"images inverted in one batch must share a size, got {sorted(shapes)}")
@@ -252,7 +276,7 @@ def check_images(pipe: StableDiffusionPipeline, images: Sequence[np.ndarray]) ->
 def invert_batch(pipe: StableDiffusionPipeline, images: Sequence[np.ndarray], prompts: Sequence[str],
                  method: Method = "null-text", steps: int = 50, guidance_scale: float = 7.5, inner_steps: int = 10,
                  progress: bool = False) -> list[Inversion]:
-    """Invert each image (uint8 HxWx3 at the model's resolution, all the same size) under its
+    """Invert each image (uint8 HxWx3, any size `check_images` accepts, all the same size) under its
     prompt, all in one batch; each artifact records the batch's seconds per image."""
     if method not in METHODS:
         raise ValueError(f"unknown inversion method {method!r}; known: {METHODS}")
@@ -284,13 +308,13 @@ def invert_batch(pipe: StableDiffusionPipeline, images: Sequence[np.ndarray], pr
     mid = model_id(pipe)
     return [Inversion(method=method, prompt=p, steps=steps, guidance_scale=guidance_scale,
                       trajectory=trajectory[:, b].cpu().contiguous(), uncond=uncond[:, b].cpu().contiguous(), model=mid,
-                      size=images[b].shape[0], seconds=seconds)
+                      height=images[b].shape[0], width=images[b].shape[1], seconds=seconds)
             for b, p in enumerate(prompts)]
 
 
 def invert(pipe: StableDiffusionPipeline, image: np.ndarray, prompt: str, method: Method = "null-text",
            steps: int = 50, guidance_scale: float = 7.5, inner_steps: int = 10, progress: bool = False) -> Inversion:
-    """Invert `image` (uint8 HxWx3 at the model's resolution) under `prompt`."""
+    """Invert `image` (uint8 HxWx3, any size `check_images` accepts) under `prompt`."""
     return invert_batch(pipe, [image], [prompt], method, steps, guidance_scale, inner_steps, progress)[0]
 
 

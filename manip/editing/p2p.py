@@ -111,17 +111,17 @@ class LocalBlend:
     def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         return self.store(probs, call)
 
-    def masks(self, size: int) -> torch.Tensor:
-        """(G, n_targets, 1, size, size) binary masks of the edited region; all ones for groups
-        without blend words."""
+    def masks(self, height: int, width: int) -> torch.Tensor:
+        """(G, n_targets, 1, height, width) binary masks of the edited region; all ones for
+        groups without blend words."""
         g, n = self.alphas.shape[:2]
-        maps = self.store.token_map(size).reshape(g, n + 1, size, size, -1)
-        src = (maps[:, 0] * self.src_alpha[:, None, None, :]).sum(-1)  # (G, s, s)
-        tgt = (maps[:, 1:] * self.alphas[:, :, None, None, :]).sum(-1)  # (G, n, s, s)
-        m = torch.maximum(tgt, src[:, None]).reshape(g * n, 1, size, size)
+        maps = self.store.token_map(height, width).reshape(g, n + 1, height, width, -1)
+        src = (maps[:, 0] * self.src_alpha[:, None, None, :]).sum(-1)  # (G, h, w)
+        tgt = (maps[:, 1:] * self.alphas[:, :, None, None, :]).sum(-1)  # (G, n, h, w)
+        m = torch.maximum(tgt, src[:, None]).reshape(g * n, 1, height, width)
         m = F.max_pool2d(m, 3, stride=1, padding=1)
         m = m / m.flatten(1).amax(1).clamp_min(1e-8)[:, None, None, None]
-        m = m.reshape(g, n, 1, size, size)
+        m = m.reshape(g, n, 1, height, width)
         inside = m > self.threshold[:, None, None, None, None]
         return (inside | ~self.active[:, None, None, None, None]).to(m.dtype)
 
@@ -132,7 +132,7 @@ class LocalBlend:
         size = self.group_size
         grouped = latents.reshape(-1, size, *latents.shape[1:])
         src, tgt = grouped[:, :1], grouped[:, 1:]
-        keep = self.masks(latents.shape[-1]).bool() | ~blending[:, None, None, None, None]
+        keep = self.masks(*latents.shape[-2:]).bool() | ~blending[:, None, None, None, None]
         out = torch.cat([src, torch.where(keep, tgt, src)], 1)
         return out.reshape(latents.shape)
 

@@ -33,6 +33,7 @@ class PromptToPrompt(SingleImageEditor):
     target caption."""
 
     name = "p2p"
+    version = 2  # 2: null-text keeps the embedding that met the early-stop level
     Config = PromptToPromptConfig
     config: PromptToPromptConfig
 
@@ -45,9 +46,9 @@ class PromptToPrompt(SingleImageEditor):
 
         part = run.part(f"inversion-{c.inversion}", [r.image, r.source, c.inversion, c.steps, c.guidance_scale,
                                                      c.null_text_inner_steps], make)
-        size = r.image.shape[0]
+        height, width = r.image.shape[:2]
         inv = Inversion(c.inversion, r.source, c.steps, c.guidance_scale, part["trajectory"], part["uncond"],
-                        self.model, size)
+                        self.model, height, width)
         config = caption_edit_config(r.source, r.target, c.cross_replace, c.self_replace, c.local_blend,
                                      c.blend_threshold, c.blend_start)
         images = edit_inverted(self.pipe, inv, [r.target], config)
