@@ -211,6 +211,14 @@ def test_identical_prompts_edit_generated_is_the_plain_sample(pipe):
         assert out.shape == (2, 32, 32, 3) and out.dtype == np.uint8
         assert np.array_equal(out[1], out[0])
         assert max_diff(out[0], ref[0]) <= 1  # batch of 2 vs batch of 1: float rounding only
+    # Any size: a wide sample is the one diffusers' own pipeline draws from the same noise.
+    wide = edit_generated(pipe, [SOURCE, SOURCE], torch.Generator().manual_seed(3),
+                          P2PConfig(blend_words=(["cat"], ["cat"])), steps=STEPS, guidance_scale=GUIDANCE,
+                          height=24, width=40)
+    ref = pipe(SOURCE, height=24, width=40, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+               generator=torch.Generator().manual_seed(3), output_type="np").images
+    assert wide.shape == (2, 24, 40, 3) and np.array_equal(wide[1], wide[0])
+    assert max_diff(wide[0], (np.asarray(ref[0]) * 255).round().astype(np.uint8)) <= 1
 
 
 def test_edit_changes_the_target_and_keeps_the_source(pipe, inversions):

@@ -85,12 +85,14 @@ def edit_inverted(pipe: StableDiffusionPipeline, inversion: Inversion, targets: 
 
 def edit_generated_batch(pipe: StableDiffusionPipeline, groups: Sequence[Sequence[str]],
                          generators: Sequence[torch.Generator], configs: Sequence[P2PConfig], steps: int = 50,
-                         guidance_scale: Sequence[float] | float = 7.5, negative_prompt: str = "") -> np.ndarray:
+                         guidance_scale: Sequence[float] | float = 7.5, negative_prompt: str = "",
+                         height: int | None = None, width: int | None = None) -> np.ndarray:
     """Many Prompt-to-Prompt samples in one batch: group g's prompts share the noise drawn from
-    `generators[g]` and are guided with `guidance_scale[g]`; (G, n + 1, H, W, 3)."""
+    `generators[g]` and are guided with `guidance_scale[g]`; (G, n + 1, H, W, 3), at the model's
+    native square unless `height` and `width` say otherwise."""
     if len(generators) != len(groups):
         raise ValueError(f"need one generator per group, got {len(generators)} for {len(groups)} groups")
-    x_T = torch.cat([initial_latents(pipe, 1, g) for g in generators])
+    x_T = torch.cat([initial_latents(pipe, 1, g, height, width) for g in generators])
     scale = guidance_scale if isinstance(guidance_scale, float | int) else torch.tensor(list(guidance_scale))
     uncond = encode_prompts(pipe, [negative_prompt]) if guides(scale) else None
     return _p2p(pipe, x_T, groups, uncond, steps, scale, configs, (), scale_initial=True)
@@ -98,9 +100,11 @@ def edit_generated_batch(pipe: StableDiffusionPipeline, groups: Sequence[Sequenc
 
 def edit_generated(pipe: StableDiffusionPipeline, prompts: Sequence[str], generator: torch.Generator,
                    config: P2PConfig = P2PConfig(), steps: int = 50, guidance_scale: float = 7.5,
-                   negative_prompt: str = "", record: AttentionStore | None = None) -> np.ndarray:
-    """Prompt-to-Prompt on a generated image: all prompts share the noise drawn from `generator`."""
-    x_T = initial_latents(pipe, 1, generator)
+                   negative_prompt: str = "", record: AttentionStore | None = None, height: int | None = None,
+                   width: int | None = None) -> np.ndarray:
+    """Prompt-to-Prompt on a generated image: all prompts share the noise drawn from `generator`
+    (at the model's native square unless `height` and `width` say otherwise)."""
+    x_T = initial_latents(pipe, 1, generator, height, width)
     uncond = encode_prompts(pipe, [negative_prompt]) if guidance_scale != 1.0 else None
     return _p2p(pipe, x_T, [list(prompts)], uncond, steps, guidance_scale, [config], (), scale_initial=True,
                 record=record)[0]
