@@ -63,14 +63,19 @@ def _inversion_settings(args: argparse.Namespace, inversion) -> None:
 def _working_size(pipe, size: str | None, image) -> tuple[int, int]:
     """(height, width) that --size names for this image and model."""
     from manip.editing.images import model_size, parse_size
-    from manip.editing.inversion import size_multiple
+    from manip.editing.inversion import check_size, size_multiple
 
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if size in (None, "auto"):
         return model_size(image.shape[1], image.shape[0], native, size_multiple(pipe))
     if size == "square":
         return native, native
-    return parse_size(size)
+    try:
+        height, width = parse_size(size)
+    except ValueError as err:
+        raise ValueError(f"--size takes auto, square or WIDTHxHEIGHT: {err}") from None
+    check_size(pipe, height, width, f"--size {size}")
+    return height, width
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -316,7 +316,30 @@ def wide_inversions(pipe) -> dict[str, Inversion]:
             for m in ("ddim", "null-text")}
 
 
-def test_non_square_images_invert_and_edit(pipe, wide_inversions, monkeypatch):
+def test_attention_grids_of_a_non_square_sd_model():
+    """SD 1.5 at 768x512 (width x height): 64x96 latents, attention at four resolutions. Maps of
+    every resolution are read on the image's grid, whichever size they are asked at, and a
+    size the UNet's halving does not tile is refused with the reason."""
+    from manip.editing.attention import AttentionCall, AttentionStore, grid
+
+    sides = [(64 // f, 96 // f) for f in (1, 2, 4, 8)]
+    for height, width in ((64, 96), (512, 768)):
+        assert [grid(h * w, height, width) for h, w in sides] == sides
+    store = AttentionStore(guided=False)
+    for h, w in sides:
+        probs = torch.zeros(1, 2, h * w, 4)
+        probs[..., : w // 2, 0] = 1.0  # token 0 on the first half of the top row
+        store(probs, AttentionCall(f"attn-{h}", is_cross=True, pixels=h * w))
+    maps = store.maps(512, 768)
+    assert sorted(maps) == sorted(sides) and all(m.shape == (1, h, w, 4) for (h, w), m in maps.items())
+    for (h, w), m in maps.items():
+        assert m[0, 0, : w // 2, 0].eq(1).all() and m[0, 1:, :, 0].eq(0).all()
+    assert store.token_map(64, 96).shape == (1, 64, 96, 4)
+    with pytest.raises(ValueError, match=r"408 attention queries do not tile a 65x96 \(width x height\)"):
+        grid(17 * 24, 96, 65)
+
+
+def test_non_square_images_invert_and_edit(pipe, wide_inversions, inversions, monkeypatch):
     """A wide image goes through every part that reads attention as a grid: the inversions keep
     its size, null-text still beats DDIM, an identical-prompt edit is the reconstruction, local
     blending masks a (height, width) region, and heatmaps come out the image's shape."""
@@ -352,6 +375,36 @@ def test_non_square_images_invert_and_edit(pipe, wide_inversions, monkeypatch):
         (1 + len(SOURCE.split())) * 2 * w, 2 * (2 * h + 12))
     with pytest.raises(InversionMismatch, match=r"40x24 \(width x height\) images, asked for 32x32"):
         null.check(pipe, 32, 32)
+    with pytest.raises(ValueError, match=r"share method, steps, guidance scale and image size .*32x32.* vs .*40x24"):
+        edit_inverted_batch(pipe, [null, inversions["null-text"]], [[TARGET], [TARGET]], [P2PConfig()] * 2)
+    with pytest.raises(ValueError, match=r"the sample: its size 30x24 \(width x height\) must be a multiple of 4"):
+        edit_generated(pipe, [SOURCE, TARGET], torch.Generator().manual_seed(0), steps=1, height=24, width=30)
+
+
+def test_null_text_batch_where_one_image_stops_and_the_other_goes_on(pipe, image):
+    """An early-stop level between two images' first losses: at the first step one image stops
+    on the empty prompt's embedding while the other takes Adam steps and a last forward, and the
+    batch still gives each image what a run on its own gives."""
+    from manip.editing.inversion import ddim_trajectory, null_text_optimise
+
+    scheduler = ddim_scheduler(pipe)
+    images, prompts = [image, 255 - image], [SOURCE, TARGET2]
+    cond, empty = encode_prompts(pipe, prompts), encode_prompts(pipe, [""])
+    trajectory = ddim_trajectory(pipe, encode_image(pipe, np.stack(images)), cond, STEPS, scheduler)
+    x, t = trajectory[-1], scheduler.timesteps[0]
+    with torch.no_grad():
+        u, c = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([empty.expand(2, -1, -1), cond])
+                         ).sample.chunk(2)
+    first = (scheduler.step(u + GUIDANCE * (c - u), t, x).prev_sample - trajectory[-2]).pow(2).flatten(1).mean(1)
+    assert first.max() > 1.05 * first.min()  # measured 7% (eps) and 17% (v) apart: a level falls between
+    level = float(first.prod().sqrt())
+    batch = null_text_optimise(pipe, trajectory, cond, empty, STEPS, GUIDANCE, scheduler, INNER, early_stop=level)
+    stops = int(first.argmin())
+    assert torch.equal(batch[0, stops], empty[0]) and not torch.equal(batch[0, 1 - stops], empty[0])
+    for b in range(2):
+        alone = null_text_optimise(pipe, trajectory[:, b : b + 1], cond[b : b + 1], empty, STEPS, GUIDANCE, scheduler,
+                                   INNER, early_stop=level)
+        torch.testing.assert_close(batch[:, b : b + 1], alone, atol=2e-3, rtol=1e-3)
 
 
 def test_null_text_keeps_the_embedding_that_meets_the_early_stop_level(pipe, image, monkeypatch):
@@ -641,8 +694,8 @@ def test_inversion_load_errors(tmp_path, pipe, inversions):
     (make_image().astype(np.float32), "uint8 HxWx3"),
     (make_image()[:, :, :1], "uint8 HxWx3"),
     (np.concatenate([make_image(), make_image()[:, :, :1]], -1), "uint8 HxWx3"),
-    (make_image()[:18, :18], "size 18x18 .* multiple of 4 on both sides"),
-    (make_image()[:, :30], "size 30x32 .* multiple of 4 on both sides"),
+    (make_image()[:18, :18], "size 18x18 .* multiple of 4 on both sides for this model, e.g. 16x16"),
+    (make_image()[:, :30], "size 30x32 .* multiple of 4 on both sides for this model, e.g. 32x32"),
 ])
 def test_invert_refuses_images_it_cannot_take(pipe, image, why):
     with pytest.raises(ValueError, match=why):
@@ -722,6 +775,16 @@ def test_load_image_wrong_size_resized_with_note(tmp_path):
     arr, notes = load_image(rgb_array(), 32)  # arrays and PIL images are accepted too
     assert notes == [] and np.array_equal(arr, rgb_array())
     assert load_image(Image.fromarray(rgb_array()).convert("L"), 32)[1] == ["converted from mode L to RGB"]
+
+
+def test_model_size_keeps_the_aspect_ratio_at_the_models_pixel_count():
+    from manip.editing.images import model_size
+
+    assert model_size(40, 48, 32, 4) == (36, 28)  # width, height in; (height, width) out
+    assert model_size(1920, 1080, 512, 64) == (384, 704)  # 16:9 on SD 1.5
+    assert model_size(512, 512, 512, 64) == (512, 512)
+    # A 6400:1 strip keeps one row of 64 px and at most twice the model's pixels: fit crops the rest.
+    assert model_size(64000, 10, 512, 64) == (64, 8192)
 
 
 def test_load_image_follows_exif_orientation(tmp_path):
@@ -885,7 +948,8 @@ def test_cli_bad_inputs_exit_2_with_one_error_line(cli_model, tmp_path, monkeypa
                            "--cross-replace", "1.5", "--out", "o.png"), "cross_replace")
     assert_clean_error(run("invert", "--model", str(cli_model), "--image", "ok.png", "--source", SOURCE,
                            "--steps", "0", "--out", "inv"), "steps must be between 1 and 1000, got 0")
-    for size, why in (("big", "WIDTHxHEIGHT"), ("0x32", "positive sides"), ("30x32", "size 30x32")):
+    for size, why in (("big", "--size takes auto, square or WIDTHxHEIGHT"), ("0x32", "positive sides"),
+                      ("30x32", "--size 30x32: its size 30x32 (width x height) must be a multiple of 4")):
         assert_clean_error(run("invert", *base, "--image", "ok.png", "--source", SOURCE, "--size", size,
                                "--out", "inv"), why)
     assert_clean_error(run("edit", *base, "--method", "imagic", "--image", "ok.png", "--source", SOURCE,

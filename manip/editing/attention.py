@@ -117,5 +117,6 @@ def grid(pixels: int, height: int, width: int) -> tuple[int, int]:
     factor = math.sqrt(height * width / pixels)
     h, w = round(height / factor), round(width / factor)
     if h * w != pixels:
-        raise ValueError(f"{pixels} attention queries do not tile a {height}x{width} image")
+        raise ValueError(f"{pixels} attention queries do not tile a {width}x{height} (width x height) image: "
+                         "both sides must be multiples of the UNet's total downsampling")
     return h, w

@@ -17,7 +17,7 @@ from manip.prompts import read_prompts
 from manip.sampling import Guidance, StepHook, Uncond, decode, denoise, encode_prompts, guides, initial_latents
 
 from .attention import AttentionStore, controlled_attention
-from .inversion import DirectInversionHook, Inversion, ddim_scheduler
+from .inversion import DirectInversionHook, Inversion, check_size, ddim_scheduler
 from .p2p import P2PConfig, PromptToPrompt
 
 
@@ -61,10 +61,11 @@ def edit_inverted_batch(pipe: StableDiffusionPipeline, inversions: Sequence[Inve
     first = inversions[0]
     for inv in inversions:
         inv.check(pipe)
-        if (inv.method, inv.steps, inv.guidance_scale) != (first.method, first.steps, first.guidance_scale):
-            raise ValueError("inversions edited in one batch must share method, steps and guidance scale: "
-                             f"{(inv.method, inv.steps, inv.guidance_scale)} vs "
-                             f"{(first.method, first.steps, first.guidance_scale)}")
+        shared = (inv.method, inv.steps, inv.guidance_scale, f"{inv.width}x{inv.height}")
+        if shared != (first.method, first.steps, first.guidance_scale, f"{first.width}x{first.height}"):
+            raise ValueError("inversions edited in one batch must share method, steps, guidance scale and image size "
+                             f"(width x height): {shared} vs "
+                             f"{(first.method, first.steps, first.guidance_scale, f'{first.width}x{first.height}')}")
     groups = [[inv.prompt, *t] for inv, t in zip(inversions, targets)]
     size = len(groups[0])
     device = pipe.unet.device
@@ -83,6 +84,11 @@ def edit_inverted(pipe: StableDiffusionPipeline, inversion: Inversion, targets: 
     return edit_inverted_batch(pipe, [inversion], [list(targets)], [config], record)[0]
 
 
+def _check_sample_size(pipe: StableDiffusionPipeline, height: int | None, width: int | None) -> None:
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    check_size(pipe, height or native, width or native, "the sample")
+
+
 def edit_generated_batch(pipe: StableDiffusionPipeline, groups: Sequence[Sequence[str]],
                          generators: Sequence[torch.Generator], configs: Sequence[P2PConfig], steps: int = 50,
                          guidance_scale: Sequence[float] | float = 7.5, negative_prompt: str = "",
@@ -92,6 +98,7 @@ def edit_generated_batch(pipe: StableDiffusionPipeline, groups: Sequence[Sequenc
     native square unless `height` and `width` say otherwise."""
     if len(generators) != len(groups):
         raise ValueError(f"need one generator per group, got {len(generators)} for {len(groups)} groups")
+    _check_sample_size(pipe, height, width)
     x_T = torch.cat([initial_latents(pipe, 1, g, height, width) for g in generators])
     scale = guidance_scale if isinstance(guidance_scale, float | int) else torch.tensor(list(guidance_scale))
     uncond = encode_prompts(pipe, [negative_prompt]) if guides(scale) else None
@@ -104,6 +111,7 @@ def edit_generated(pipe: StableDiffusionPipeline, prompts: Sequence[str], genera
                    width: int | None = None) -> np.ndarray:
     """Prompt-to-Prompt on a generated image: all prompts share the noise drawn from `generator`
     (at the model's native square unless `height` and `width` say otherwise)."""
+    _check_sample_size(pipe, height, width)
     x_T = initial_latents(pipe, 1, generator, height, width)
     uncond = encode_prompts(pipe, [negative_prompt]) if guidance_scale != 1.0 else None
     return _p2p(pipe, x_T, [list(prompts)], uncond, steps, guidance_scale, [config], (), scale_initial=True,

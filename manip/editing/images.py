@@ -30,10 +30,13 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def model_size(width: int, height: int, side: int, multiple: int) -> tuple[int, int]:
     """(height, width) for a model of native side `side`: the image's aspect ratio at about the
-    model's pixel count, each side a multiple of `multiple` (the UNet's total downsampling)."""
+    model's pixel count, each side a multiple of `multiple` (the UNet's total downsampling). A
+    side held at `multiple` does not stretch the other past twice that pixel count: a panorama
+    more extreme than that is cropped (by `fit`), not worked on at many times the pixels."""
     scale = side / math.sqrt(width * height)
-    return (max(multiple, round(height * scale / multiple) * multiple),
-            max(multiple, round(width * scale / multiple) * multiple))
+    h, w = (max(multiple, round(v * scale / multiple) * multiple) for v in (height, width))
+    longest = max(multiple, 2 * side * side // min(h, w) // multiple * multiple)
+    return min(h, longest), min(w, longest)
 
 
 def parse_size(text: str) -> tuple[int, int]:

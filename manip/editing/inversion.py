@@ -230,7 +230,7 @@ def null_text_optimise(pipe: StableDiffusionPipeline, trajectory: torch.Tensor, 
                 if not running.any():
                     break
                 opt.zero_grad(set_to_none=True)
-                losses.sum().backward()
+                losses[running].sum().backward()
                 before = u.detach().clone()
                 opt.step()
                 with torch.no_grad():
@@ -254,23 +254,30 @@ def size_multiple(pipe: StableDiffusionPipeline) -> int:
     return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
 
 
-def check_images(pipe: StableDiffusionPipeline, images: Sequence[np.ndarray]) -> None:
-    """Images the model can invert as one batch: uint8 RGB, all one size, each side a multiple of
-    the UNet's total downsampling (so every attention map tiles the image). Any file becomes one
-    with `manip.editing.images.load_image`."""
+def check_size(pipe: StableDiffusionPipeline, height: int, width: int, what: str = "the image") -> None:
+    """Refuse a size some attention map would not tile: the UNet rounds an odd side up when it
+    halves it, so maps are read as grids only when both sides are multiples of `size_multiple`."""
     stride = size_multiple(pipe)
+    if height % stride or width % stride:
+        fit_h, fit_w = (max(stride, round(v / stride) * stride) for v in (height, width))
+        raise ValueError(f"{what}: its size {width}x{height} (width x height) must be a multiple of {stride} on both "
+                         f"sides for this model, e.g. {fit_w}x{fit_h}")
+
+
+def check_images(pipe: StableDiffusionPipeline, images: Sequence[np.ndarray]) -> None:
+    """Images the model can invert as one batch: uint8 RGB, all one size, a size `check_size`
+    accepts. Any file becomes one with `manip.editing.images.load_image`."""
     shapes = set()
     for i, image in enumerate(images):
         arr = np.asarray(image)
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
             raise ValueError(f"image {i}: need a uint8 HxWx3 RGB array, got {arr.dtype} {arr.shape} "
                              "(manip.editing.images.load_image makes one from any image file)")
-        if arr.shape[0] % stride or arr.shape[1] % stride:
-            raise ValueError(f"image {i}: its size {arr.shape[1]}x{arr.shape[0]} (width x height) must be a multiple "
-                             f"of {stride} on both sides for this model (manip.editing.images.model_size picks one)")
-        shapes.add(arr.shape)
+        check_size(pipe, arr.shape[0], arr.shape[1], f"image {i}")
+        shapes.add(arr.shape[:2])
     if len(shapes) > 1:
-        raise ValueError(f"images inverted in one batch must share a size, got {sorted(shapes)}")
+        raise ValueError("images inverted in one batch must share a size, got "
+                         f"{', '.join(f'{w}x{h}' for h, w in sorted(shapes))} (width x height)")
 
 
 def invert_batch(pipe: StableDiffusionPipeline, images: Sequence[np.ndarray], prompts: Sequence[str],
