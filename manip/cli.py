@@ -63,9 +63,9 @@ def _inversion_settings(args: argparse.Namespace, inversion) -> None:
 def _working_size(pipe, size: str | None, image) -> tuple[int, int]:
     """(height, width) that --size names for this image and model."""
     from manip.editing.images import model_size, parse_size
-    from manip.editing.inversion import check_size, size_multiple
+    from manip.editing.inversion import check_size, native_size, size_multiple
 
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = native_size(pipe)
     if size in (None, "auto"):
         return model_size(image.shape[1], image.shape[0], native, size_multiple(pipe))
     if size == "square":

@@ -17,7 +17,7 @@ from manip.prompts import read_prompts
 from manip.sampling import Guidance, StepHook, Uncond, decode, denoise, encode_prompts, guides, initial_latents
 
 from .attention import AttentionStore, controlled_attention
-from .inversion import DirectInversionHook, Inversion, check_size, ddim_scheduler
+from .inversion import DirectInversionHook, Inversion, check_size, ddim_scheduler, native_size
 from .p2p import P2PConfig, PromptToPrompt
 
 
@@ -49,23 +49,27 @@ def _p2p(pipe: StableDiffusionPipeline, x_T: torch.Tensor, groups: Sequence[Sequ
     return images.reshape(len(groups), size, *images.shape[1:])
 
 
+def _sampler_settings(inv: Inversion) -> tuple:
+    """What every inversion edited in one batch must share: method, step count, guidance scale
+    and image size set the sampler and the latents every group runs through."""
+    return inv.method, inv.steps, inv.guidance_scale, f"{inv.width}x{inv.height}"
+
+
 def edit_inverted_batch(pipe: StableDiffusionPipeline, inversions: Sequence[Inversion],
                         targets: Sequence[Sequence[str]], configs: Sequence[P2PConfig],
                         record: AttentionStore | None = None) -> np.ndarray:
     """Edit many real images in one batch: inversion g with its target prompts `targets[g]` and
     `configs[g]`; (G, n + 1, H, W, 3), [g, 0] the reconstruction. The inversions must share
-    method, step count and guidance scale (they set the sampler every group runs through)."""
+    `_sampler_settings`."""
     if not inversions or len(targets) != len(inversions) or len(configs) != len(inversions):
         raise ValueError(f"need one target list and one config per inversion, got {len(inversions)} inversions, "
                          f"{len(targets)} target lists, {len(configs)} configs")
     first = inversions[0]
     for inv in inversions:
         inv.check(pipe)
-        shared = (inv.method, inv.steps, inv.guidance_scale, f"{inv.width}x{inv.height}")
-        if shared != (first.method, first.steps, first.guidance_scale, f"{first.width}x{first.height}"):
+        if _sampler_settings(inv) != _sampler_settings(first):
             raise ValueError("inversions edited in one batch must share method, steps, guidance scale and image size "
-                             f"(width x height): {shared} vs "
-                             f"{(first.method, first.steps, first.guidance_scale, f'{first.width}x{first.height}')}")
+                             f"(width x height): {_sampler_settings(inv)} vs {_sampler_settings(first)}")
     groups = [[inv.prompt, *t] for inv, t in zip(inversions, targets)]
     size = len(groups[0])
     device = pipe.unet.device
@@ -85,8 +89,7 @@ def edit_inverted(pipe: StableDiffusionPipeline, inversion: Inversion, targets: 
 
 
 def _check_sample_size(pipe: StableDiffusionPipeline, height: int | None, width: int | None) -> None:
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    check_size(pipe, height or native, width or native, "the sample")
+    check_size(pipe, height or native_size(pipe), width or native_size(pipe), "the sample")
 
 
 def edit_generated_batch(pipe: StableDiffusionPipeline, groups: Sequence[Sequence[str]],

@@ -248,6 +248,11 @@ def null_text_optimise(pipe: StableDiffusionPipeline, trajectory: torch.Tensor, 
     return torch.stack(out)
 
 
+def native_size(pipe: StableDiffusionPipeline) -> int:
+    """The image side the model was trained at, in pixels: the size an edit works at unless told."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
 def size_multiple(pipe: StableDiffusionPipeline) -> int:
     """Pixels per latent pixel at the UNet's coarsest resolution: an image side must be a
     multiple of this for every attention map to tile the image."""
