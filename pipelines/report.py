@@ -126,7 +126,8 @@ def customize_rows(metrics: dict) -> list[dict]:
             for method, values in metrics.get("methods", {}).items()]
 
 
-MULTI_COLUMNS = ("both_present", "both_in_place", "first_present", "second_present", "clip_t", "seconds")
+MULTI_COLUMNS = ("both_present", "both_in_place", "first_present", "second_present", "first_alone", "second_alone",
+                 "clip_t", "seconds")
 
 
 def customize_multi_rows(metrics: dict) -> list[dict]:

@@ -128,7 +128,8 @@ def run_fingerprint(params: Params, run: Run, base_digest: str) -> str:
             "world": [params.world.artwork_dir, params.world.size], "seed": params.seed,
             "references": c.n_references, "prior": c.prior_images, "regularisation": c.regularisation_images,
             "class_images": CLASS_IMAGE_FORMAT if run.method == "dreambooth" and run.variant != "no_prior" else None,
-            "evaluate": c.evaluate.model_dump()}
+            # Multi-concept runs also score each concept on its own prompts.
+            "evaluate": {**c.evaluate.model_dump(), **({"each_alone": True} if len(run.concepts) > 1 else {})}}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -259,7 +260,7 @@ def pair_group(first: str, second: str) -> int:
 def evaluate_run(bench: Workbench, customizer, run: Run) -> tuple[dict, np.ndarray]:
     """Scores of a finished customizer on its evaluation prompts (and, for one concept, the
     language-drift probe on class prompts)."""
-    from manip.customize.evaluate import concept_scores, drift_scores, pair_scores
+    from manip.customize.evaluate import drift_scores, pair_scores
     from manip.customize.world import WORLD_CONCEPTS, pair_cases
 
     p, e = bench.params, bench.params.customize.evaluate
@@ -270,23 +271,40 @@ def evaluate_run(bench: Workbench, customizer, run: Run) -> tuple[dict, np.ndarr
         prompts = [case.template.format(customizer.phrase(a), customizer.phrase(b)) for case in cases for _ in range(k)]
         texts = [case.template.format(*run.concepts) for case in cases for _ in range(k)]
         images = bench.sample(customizer, prompts, generators_for(p.seed, pair_group(*run.concepts), len(cases), k))
-        return pair_scores(bench.scorers, images, [c.scene for c in cases for _ in range(k)], texts), images
-    wc = bench.concept(run.concepts[0])
-    concept, cases = customizer.concepts[0], wc.cases[: e.n_prompts]
-    group = WORLD_CONCEPTS.index(concept.name)
-    prompts = [customizer.prompt(concept, case.template) for case in cases for _ in range(k)]
-    texts = [case.template.format(concept.name) for case in cases for _ in range(k)]
-    scenes = [case.scene for case in cases for _ in range(k)]
-    images = bench.sample(customizer, prompts, generators_for(p.seed, group, len(cases), k))
-    real = real_renders(bench, scenes)
-    scores = concept_scores(bench.scorers, images, scenes, texts, wc.concept.images, real, concept.kind)
+        scores = pair_scores(bench.scorers, images, [c.scene for c in cases for _ in range(k)], texts)
+        # Each concept on its own prompts, from the same model and with the single runs' seeds:
+        # a concept the model did not learn, against two it learnt but cannot draw together.
+        for key, name in zip(("first_alone", "second_alone"), run.concepts):
+            scores[key] = concept_evaluation(bench, customizer, name)[0]["subject_accuracy"]
+        return scores, images
+    name = run.concepts[0]
+    scores, images = concept_evaluation(bench, customizer, name)
+    group, wc = WORLD_CONCEPTS.index(name), bench.concept(name)
     drift_cases = wc.class_cases[: e.n_prompts]
     drift_prompts = [case.template for case in drift_cases]
     drift_gens = generators_for(p.seed, 50 + group, len(drift_cases), 1)
     before = bench.sample(bench.base(), drift_prompts, drift_gens)
     after = bench.sample(customizer, drift_prompts, generators_for(p.seed, 50 + group, len(drift_cases), 1))
-    scores["drift"] = drift_scores(bench.scorers, before, after, [c.scene for c in drift_cases], concept.kind)
+    scores["drift"] = drift_scores(bench.scorers, before, after, [c.scene for c in drift_cases], wc.concept.kind)
     return scores, images
+
+
+def concept_evaluation(bench: Workbench, customizer, name: str) -> tuple[dict, np.ndarray]:
+    """The customizer's concept `name` (one of several in a multi-concept model) on that
+    concept's evaluation prompts: scores and samples."""
+    from manip.customize.evaluate import concept_scores
+    from manip.customize.world import WORLD_CONCEPTS
+
+    p, e = bench.params, bench.params.customize.evaluate
+    k = e.images_per_prompt
+    wc = bench.concept(name)
+    concept, cases = next(c for c in customizer.concepts if c.name == name), wc.cases[: e.n_prompts]
+    prompts = [customizer.prompt(concept, case.template) for case in cases for _ in range(k)]
+    texts = [case.template.format(name) for case in cases for _ in range(k)]
+    scenes = [case.scene for case in cases for _ in range(k)]
+    images = bench.sample(customizer, prompts, generators_for(p.seed, WORLD_CONCEPTS.index(name), len(cases), k))
+    real = real_renders(bench, scenes)
+    return concept_scores(bench.scorers, images, scenes, texts, wc.concept.images, real, concept.kind), images
 
 
 def real_renders(bench: Workbench, scenes, stream: int = 11) -> np.ndarray:

@@ -60,8 +60,28 @@ def test_every_planned_run_has_an_artifact_and_a_result(project):
     assert {"subject_accuracy", "judge_feature_similarity", "clip_i", "clip_t", "scene_accuracy", "kid",
             "drift"} <= set(single)
     assert runs["textual_inversion/teapot"]["scores"]["drift"]["same_seed_clip_i"] == pytest.approx(1.0, abs=1e-4)
-    assert {"both_present", "both_in_place", "first_present", "second_present", "clip_t"} <= set(
-        runs["cones_union/teapot+robot"]["scores"])
+    for pair in multi:  # trained together or combined afterwards: the pair, and each concept on its own
+        assert {"both_present", "both_in_place", "first_present", "second_present", "first_alone", "second_alone",
+                "clip_t"} <= set(runs[pair]["scores"])
+
+
+def test_each_concept_of_a_joint_model_is_prompted_by_its_own_phrase(project, monkeypatch):
+    from manip.customize import load_customizer
+    from stages import customize as stage_module
+    from stages.params import load_params
+
+    monkeypatch.chdir(project)
+    bench = stage_module.Workbench(load_params(project / "params.yaml"))
+    joint = load_customizer(bench.base(), project / "models/concepts/custom_diffusion/teapot+robot")
+    sampled: list[list[str]] = []
+    sample = bench.sample
+    monkeypatch.setattr(bench, "sample", lambda customizer, prompts, gens: sampled.append(prompts) or
+                        sample(customizer, prompts, gens))
+    for name in ("robot", "teapot"):
+        sampled.clear()
+        stage_module.evaluate_run(bench, joint, stage_module.Run("custom_diffusion", (name,)))
+        phrase = joint.phrase(next(c for c in joint.concepts if c.name == name))
+        assert all(phrase in p for p in sampled[0]), (name, sampled[0])
 
 
 def test_aggregate_metrics_and_grids(project):

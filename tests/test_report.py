@@ -112,8 +112,11 @@ def test_edit_runs_tables_and_summary(tmp_path, capsys):
 
 def test_customize_multi_table_keeps_the_ceilings_without_seconds():
     scores = {"both_present": 0.0, "both_in_place": 0.0, "first_present": 0.1, "second_present": 0.0, "clip_t": 0.8}
-    metrics = {"multi_concept": {"lora/teapot+robot": {**scores, "seconds": 95.4}, "real/teapot+robot": scores}}
+    metrics = {"multi_concept": {"lora/teapot+robot": {**scores, "first_alone": 0.2, "second_alone": 0.075,
+                                                       "seconds": 95.4},
+                                 "real/teapot+robot": scores}}
     table = markdown_table(customize_multi_rows(metrics)).splitlines()
-    assert table[0] == "| run | both_present | both_in_place | first_present | second_present | clip_t | seconds |"
-    assert table[2] == "| lora/teapot+robot | 0 | 0 | 0.1 | 0 | 0.8 | 95.4 |"
-    assert table[3] == "| real/teapot+robot | 0 | 0 | 0.1 | 0 | 0.8 |  |"
+    assert table[0] == ("| run | both_present | both_in_place | first_present | second_present | first_alone | "
+                        "second_alone | clip_t | seconds |")
+    assert table[2] == "| lora/teapot+robot | 0 | 0 | 0.1 | 0 | 0.2 | 0.075 | 0.8 | 95.4 |"
+    assert table[3] == "| real/teapot+robot | 0 | 0 | 0.1 | 0 |  |  | 0.8 |  |"
