@@ -5,9 +5,9 @@ grid per method under plots/customize/.
 A run trains (resuming from checkpoints/customize/<run>/<fingerprint>), saves its artifact to
 models/concepts/<method>/<concept>/ in the format diffusers loads, samples the evaluation prompts
 and writes result.json beside the artifact. A run whose result.json carries the current
-fingerprint (settings, base model, evaluation, the code under manip/customize and
-manip/training) is done and skipped, so the stage resumes and the Prefect flow can fan runs out
-before `dvc repro customize` records them. Every run trains in a process of its own, here as in
+fingerprint (settings, base model, evaluation, the code the run executes under
+manip/customize and manip/training) is done and skipped, so the stage resumes and the Prefect
+flow can fan runs out before `dvc repro customize` records them. Every run trains in a process of its own, here as in
 the flow, so its time and peak memory are its own:
 
     python -m stages.customize                 # every run not yet done, then the aggregate
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._runner import StageInputError, main
-from .common import code_digest, files_digest, require
+from .common import ROOT, code_digest, files_digest, require
 from .params import CustomizeParams, Params, load_params
 
 if TYPE_CHECKING:
@@ -51,7 +51,11 @@ GRIDS = Path("plots/customize")
 RESULT = "result.json"
 SAMPLES = "samples.png"
 JOINT_METHODS = ("dreambooth", "custom_diffusion", "svdiff", "lora")  # fit on two concepts at once
-TRAINING_CODE = ("manip/customize", "manip/training")  # a run made by other code is not done
+PACKAGE = Path("manip/customize")
+# Code every run executes; besides it, a run executes its method's module and what that imports
+# from the package (`method_code`).
+SHARED_CODE = ("manip/customize/__init__.py", "manip/customize/evaluate.py", "manip/customize/world.py",
+               "manip/training")
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ def run_fingerprint(params: Params, run: Run, base_digest: str) -> str:
     c = params.customize
     configs = ([dataclasses.asdict(method_config(params, r)) for r in run.combines] if run.combines else
                dataclasses.asdict(method_config(params, run)))
-    spec = {"run": run.name, "code": code_digest(*TRAINING_CODE), "config": configs,
+    spec = {"run": run.name, "code": code_digest(*SHARED_CODE, *method_code(run.method)), "config": configs,
             "base": base_digest, "encoder": files_digest(ELITE_ENCODER) if run.method == "elite" else None,
             "world": [params.world.artwork_dir, params.world.size], "seed": params.seed,
             "references": c.n_references, "prior": c.prior_images, "regularisation": c.regularisation_images,
@@ -131,6 +135,23 @@ def run_fingerprint(params: Params, run: Run, base_digest: str) -> str:
             # Multi-concept runs also score each concept on its own prompts.
             "evaluate": {**c.evaluate.model_dump(), **({"each_alone": True} if len(run.concepts) > 1 else {})}}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def method_code(method: str) -> list[str]:
+    """The package's modules a method's runs execute: its own and those it imports from the
+    package, transitively. A run made by other code is not done; a change to one method's module
+    leaves the other methods' runs done."""
+    import ast
+
+    todo, seen = [method], set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            tree = ast.parse((ROOT / PACKAGE / f"{name}.py").read_text())
+            todo += [node.module for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
+    return sorted(str(PACKAGE / f"{name}.py") for name in seen)
 
 
 def is_done(run: Run, fingerprint: str) -> bool:

@@ -146,6 +146,18 @@ def test_untrained_identifiers_get_rows_of_their_own_and_the_artifact_carries_th
                                    sample(trained, pair[0]), atol=2e-5)
 
 
+def test_an_identifier_gets_the_same_row_beside_another_concept_as_alone():
+    """Rows bound for one concept do not enter the statistics another's row is drawn from."""
+    def bound(concepts: list[Concept]) -> dict[str, torch.Tensor]:
+        lora = METHODS["lora"](untrained_identifiers("sks", "zwx"), config("lora"))
+        lora.concepts = concepts
+        lora.bind_identifiers()
+        return lora.bound_identifiers
+
+    robot = concept("robot", 1, placeholder="<robot>", identifier="zwx")
+    torch.testing.assert_close(bound([concept(), robot])["zwx"], bound([robot])["zwx"], atol=0, rtol=0)
+
+
 def test_trained_identifier_rows_are_left_alone(tmp_path):
     """A model that did train the identifier's row (any real Stable Diffusion) keeps it."""
     pipe = tiny_pipeline()
@@ -218,6 +230,19 @@ def test_closed_form_merge_meets_its_constraints_and_stays_close_on_regularisati
     torch.testing.assert_close(other @ c.T, v, atol=1e-4, rtol=1e-4)
     drift = lambda m: torch.linalg.norm((m - w0) @ c_reg.T)  # noqa: E731
     assert drift(w) < drift(other)
+
+
+def test_closed_form_merge_of_repeated_keys_is_the_merge_of_the_distinct_ones():
+    """A phrase's keys repeat across templates, exactly or up to rounding: the merge must treat
+    them as the distinct keys, not meet their rounding-level differences with large weights."""
+    g = torch.Generator().manual_seed(0)
+    w0, w_concept = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
+    c_reg = torch.randn(300, 8, generator=g) @ torch.randn(8, 32, generator=g)  # spans 8 of 32 directions
+    c = torch.randn(4, 32, generator=g)
+    repeated = torch.cat([c] + [c + s * torch.randn(4, 32, generator=g) for s in (1e-6, 1e-7, 0.0, 1e-8)])
+    w = closed_form_merge(w0, repeated, w_concept @ repeated.T, c_reg)
+    torch.testing.assert_close(w @ repeated.T, w_concept @ repeated.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(w, closed_form_merge(w0, c, w_concept @ c.T, c_reg), atol=1e-4, rtol=1e-4)
 
 
 def test_merge_of_two_custom_diffusion_concepts(tmp_path):

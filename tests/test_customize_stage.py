@@ -104,6 +104,14 @@ def test_rerun_skips_finished_runs(project):
     assert after == before
 
 
+def test_a_run_is_keyed_by_the_package_modules_its_method_executes():
+    from stages.customize import method_code
+
+    assert method_code("lora") == ["manip/customize/base.py", "manip/customize/concept.py", "manip/customize/lora.py"]
+    assert "manip/customize/custom_diffusion.py" in method_code("cones")  # Cones imports its K/V layers from there
+    assert not any("lora" in path for method in ("cones", "svdiff", "dreambooth") for path in method_code(method))
+
+
 def test_a_failing_run_is_reported_and_the_others_finish(tmp_path):
     root = tmp_path / "project"
     root.mkdir()

@@ -145,16 +145,16 @@ def identifier_tokens(tokenizer, identifier: str) -> list[int]:
     return tokenizer(identifier, add_special_tokens=False).input_ids
 
 
-def identifier_rows(table: torch.Tensor, identifier: str, n: int) -> torch.Tensor:
+def identifier_rows(trained: torch.Tensor, identifier: str, n: int) -> torch.Tensor:
     """Fixed embeddings for an identifier's tokens whose rows the text encoder never trained: each
-    dimension drawn from the mean and spread of the trained rows, seeded by the word. They read as
-    a word the model has no meaning for yet, which is what a rare token is in a large model."""
-    trained = table[table.detach().abs().sum(1) > 0].detach().float().cpu()
+    dimension drawn from the mean and spread of the `trained` rows, seeded by the word. They read
+    as a word the model has no meaning for yet, which is what a rare token is in a large model."""
+    trained = trained.detach().float().cpu()
     if len(trained) < 2:
         raise ConceptError("the text encoder's embedding table has no trained rows to draw an identifier's from")
     seed = int.from_bytes(hashlib.sha256(identifier.encode()).digest()[:8], "little")
-    noise = torch.randn(n, table.shape[1], generator=torch.Generator().manual_seed(seed))
-    return (trained.mean(0) + trained.std(0) * noise).to(table.device, table.dtype)
+    noise = torch.randn(n, trained.shape[1], generator=torch.Generator().manual_seed(seed))
+    return trained.mean(0) + trained.std(0) * noise
 
 
 class Customizer(ABC):
@@ -239,11 +239,16 @@ class Customizer(ABC):
         if not self.uses_identifier:
             return
         table = self.pipe.text_encoder.get_input_embeddings().weight
+        # The rows the text encoder learnt, without those bound here: an identifier's row then
+        # does not depend on which concepts were bound before it.
+        learnt = table.abs().sum(1) > 0
+        for word in self.bound_identifiers:
+            learnt[identifier_tokens(self.pipe.tokenizer, word)] = False
         for c in self.concepts:
             ids = identifier_tokens(self.pipe.tokenizer, c.identifier)
             if c.identifier in self.bound_identifiers or table[ids].any(1).all():
                 continue
-            fresh = identifier_rows(table, c.identifier, len(ids))
+            fresh = identifier_rows(table[learnt], c.identifier, len(ids)).to(table.device, table.dtype)
             for k, i in enumerate(ids):
                 if not table[i].any():
                     table[i] = fresh[k]

@@ -117,13 +117,20 @@ def closed_form_merge(w0: torch.Tensor, c: torch.Tensor, v: torch.Tensor, c_reg:
 
     w0: (out, in), c: (N, in) target keys, v: (out, N) their values, c_reg: (M, in). A small
     ridge on C_reg^T C_reg keeps that solve stable when the regularisation features do not span
-    every direction; the constraint itself is solved by least squares, exact whenever the keys
-    are linearly independent (repeated keys with consistent values are fine too)."""
+    every direction. The keys repeat: a causal text encoder gives a phrase the same features in
+    every template that starts alike, so C C^T is singular. The constraint is therefore posed on
+    an orthonormal basis of what the keys span, cut at float32's resolution of the keys, with
+    their values carried over; a rank-revealing least-squares solve of the singular system
+    instead keeps directions that are only rounding, and the merged weights then follow the
+    rounding (they changed with the thread count)."""
     w0, c, v, c_reg = (x.double() for x in (w0, c, v, c_reg))
     gram = c_reg.T @ c_reg
     gram = gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-    d = torch.linalg.solve(gram, c.T).T  # C (C_reg^T C_reg)^-1, as gram is symmetric
-    vt = torch.linalg.lstsq((d @ c.T).T, (v - w0 @ c.T).T).solution.T  # (V - W0 C^T)(d C^T)^-1
+    u, s, vh = torch.linalg.svd(c, full_matrices=False)
+    rank = int((s > s[0] * torch.finfo(torch.float32).eps * max(c.shape)).sum())
+    keys, values = vh[:rank], v @ u[:, :rank] / s[:rank]  # W keys^T = values <=> W C^T = V on that span
+    d = torch.linalg.solve(gram, keys.T).T  # keys (C_reg^T C_reg)^-1, as gram is symmetric
+    vt = torch.linalg.solve(d @ keys.T, (values - w0 @ keys.T).T).T  # (values - W0 keys^T)(d keys^T)^-1
     return (w0 + vt @ d).float()
 
 
