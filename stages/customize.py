@@ -7,8 +7,8 @@ models/concepts/<method>/<concept>/ in the format diffusers loads, samples the e
 and writes result.json beside the artifact. A run whose result.json carries the current
 fingerprint (settings, base model, evaluation, the code the run executes under
 manip/customize and manip/training) is done and skipped, so the stage resumes and the Prefect
-flow can fan runs out before `dvc repro customize` records them. Every run trains in a process of its own, here as in
-the flow, so its time and peak memory are its own:
+flow can fan runs out before `dvc repro customize` records them. Every run trains in a process
+of its own, here as in the flow, so its time and peak memory are its own:
 
     python -m stages.customize                 # every run not yet done, then the aggregate
     python -m stages.customize --run lora/teapot
@@ -132,8 +132,7 @@ def run_fingerprint(params: Params, run: Run, base_digest: str) -> str:
             "world": [params.world.artwork_dir, params.world.size], "seed": params.seed,
             "references": c.n_references, "prior": c.prior_images, "regularisation": c.regularisation_images,
             "class_images": CLASS_IMAGE_FORMAT if run.method == "dreambooth" and run.variant != "no_prior" else None,
-            # Multi-concept runs also score each concept on its own prompts.
-            "evaluate": {**c.evaluate.model_dump(), **({"each_alone": True} if len(run.concepts) > 1 else {})}}
+            "evaluate": c.evaluate.model_dump()}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
