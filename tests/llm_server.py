@@ -34,7 +34,7 @@ def pairs_reply(user: str) -> dict:
 
 
 class ScriptedLLM:
-    def __init__(self, script: dict[str, list[str]] | None = None, delay: float = 1.5,
+    def __init__(self, script: dict[str, list[str]] | None = None, delay: float = 6.0,
                  reply: Callable[[str], dict] = edited):
         self.script = {k: list(v) for k, v in (script or {}).items()}
         self.reply = reply

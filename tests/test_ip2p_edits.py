@@ -147,7 +147,7 @@ def test_parse_answer_accepts_fenced_json():
 
 
 def _settings(url: str, **kw) -> LLMSettings:
-    return LLMSettings(model="test-model", base_url=url, timeout=0.5, max_attempts=3, backoff=0.01,
+    return LLMSettings(model="test-model", base_url=url, timeout=3.0, max_attempts=3, backoff=0.01,
                        concurrency=3, n_examples=4, **kw)
 
 
@@ -165,7 +165,7 @@ def test_openai_backend_survives_a_hostile_endpoint(monkeypatch, tmp_path, token
         "c always 500": ["500"] * 10, "c 400": ["400"], "c no choices": ["nochoices"],
     }
     captions = [Caption(f"id-{i}", text) for i, text in enumerate(script)]
-    llm = ScriptedLLM(script, delay=1.5)
+    llm = ScriptedLLM(script)
     cache = tmp_path / "cache"
     with serve(llm) as url:
         editor = OpenAIEditor(_settings(url), cache, tokenizer)

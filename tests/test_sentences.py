@@ -64,7 +64,7 @@ def test_rules_sentences_vary_the_context_and_are_reproducible():
 
 
 def _settings(url: str) -> LLMSettings:
-    return LLMSettings(model="test-model", base_url=url, timeout=0.5, max_attempts=4, backoff=0.01)
+    return LLMSettings(model="test-model", base_url=url, timeout=3.0, max_attempts=4, backoff=0.01)
 
 
 def test_llm_sentences_over_a_hostile_endpoint(monkeypatch, tmp_path, tokenizer):
@@ -72,7 +72,7 @@ def test_llm_sentences_over_a_hostile_endpoint(monkeypatch, tmp_path, tokenizer)
     src, tgt = "a cat on a beach", "a dog on a beach"
     user = f"N: 5\ncaption: {src}\nedited caption: {tgt}\ninstruction: turn the cat into a dog"
     script = {user: ["500", "timeout", "429"], "N: 3\ncaption: x\nedited caption: y": ["malformed"] * 3}
-    llm = ScriptedLLM(script, delay=1.5, reply=pairs_reply)
+    llm = ScriptedLLM(script, reply=pairs_reply)
     cache = tmp_path / "cache"
     with serve(llm) as url:
         writer = OpenAISentences(_settings(url), cache, tokenizer, sleep=lambda s: None)
