@@ -121,10 +121,12 @@ def gpu_count() -> int:
     return max(1, torch.cuda.device_count())
 
 
-def start_server(layout: Layout, repo: Path, env: dict[str, str], wait: float = 90.0) -> None:
+def start_server(layout: Layout, repo: Path, env: dict[str, str], wait: float = 180.0) -> None:
     if healthy(layout):
         return
     if alive(layout, "server"):
+        if healthy(layout, timeout=30.0):  # on a loaded machine the running server answers late
+            return
         raise RuntimeError(f"a server process ({layout.pid_file('server')}) runs but {layout.api_url} "
                            "does not answer; `python -m pipelines.server down` first")
     spawn(layout, "server", prefect("server", "start", "--host", HOST, "--port", str(layout.port)), env, repo)

@@ -17,7 +17,7 @@ def test_concurrent_claims_get_distinct_gpus_and_wait_for_a_free_one(monkeypatch
         waiter.start()
         waiter.join(0.3)
         assert waiter.is_alive() and not got  # both taken: the third waits
-    waiter.join(5)
+    waiter.join(60)
     assert got and got[0]["CUDA_VISIBLE_DEVICES"] in {"0", "1"}
 
 

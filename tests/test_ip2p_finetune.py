@@ -41,13 +41,14 @@ def test_pair_tensors(data):
 def test_widened_unet_ignores_the_image_channels_at_start(base):
     unet = widen_conv_in(copy.deepcopy(base.unet))
     assert unet.config.in_channels == 8 and unet.conv_in.weight.shape[1] == 8
+    torch.manual_seed(0)
     x = torch.randn(2, 4, 16, 16)
     ctx = torch.randn(2, base.tokenizer.model_max_length, base.text_encoder.config.hidden_size)
     t = torch.tensor([10, 500])
     with torch.no_grad():
         plain = base.unet(x, t, ctx).sample
         widened = unet(torch.cat([x, torch.randn(2, 4, 16, 16)], 1), t, ctx).sample
-    assert torch.equal(plain, widened)
+    torch.testing.assert_close(widened, plain, rtol=1e-6, atol=1e-7)  # kernels for 4 and 8 channels may sum in another order
 
 
 def test_dropout_rates():

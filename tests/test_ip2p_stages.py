@@ -84,8 +84,8 @@ def test_kill_9_during_pairs_then_rerun_is_byte_identical(reference, tiny_world,
     proc = subprocess.Popen([sys.executable, "-m", "stages.ip2p_pairs"], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     pairs = root / "data/ip2p/pairs"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(pairs.glob("shard-*/shard.json"))) < 2:
+    deadline = time.monotonic() + 1200
+    while time.monotonic() < deadline and proc.poll() is None and len(list(pairs.glob("shard-*/shard.json"))) < 2:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -46,7 +46,9 @@ class Stack:
         self.url = f"http://127.0.0.1:{port}"
 
     def env(self) -> dict[str, str]:
-        return {**tool_env(), "PREFECT_HOME": str(self.home), "PREFECT_API_URL": f"{self.url}/api"}
+        # No scheduler: a run near the weekly deployment's Monday 04:00 would take the gpu slot.
+        return {**tool_env(), "PREFECT_HOME": str(self.home), "PREFECT_API_URL": f"{self.url}/api",
+                "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
 
     def server(self, command: str, timeout: float = 600) -> str:
         proc = subprocess.run([sys.executable, "-m", "pipelines.server", command, "--repo", str(self.repo),
@@ -59,7 +61,7 @@ class Stack:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"{self.url}/api{path}", data=data, method=method or ("POST" if data else "GET"),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=120) as r:
             return json.loads(r.read() or "null")
 
     def deployment(self, flow: str, name: str) -> dict:
@@ -144,6 +146,8 @@ def test_custom_run_from_the_ui(stack):
         ctx = p.chromium.launch_persistent_context(str(stack.home.parent / "chromium-profile"), headless=True,
                                                    executable_path=CHROMIUM, args=CHROMIUM_ARGS,
                                                    viewport={"width": 1400, "height": 1000})
+        ctx.set_default_timeout(120_000)  # a loaded machine: the UI's requests queue behind the workers'
+        expect.set_options(timeout=120_000)
         try:
             page = ctx.new_page()
             page.goto(f"{stack.url}/deployments", wait_until="networkidle")

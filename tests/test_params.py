@@ -86,7 +86,7 @@ def run_stage(params_path: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "MANIP_PARAMS": str(params_path), "MANIP_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "stages.world"], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=600)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess) -> str:
