@@ -72,10 +72,10 @@ class Stack:
         run = self.api(f"/deployments/{dep['id']}/create_flow_run", {"parameters": parameters})
         return run["id"]
 
-    def created_run(self, name: str, timeout: float = 300, **parameters) -> str:
+    def created_run(self, flow: str, name: str, timeout: float = 300, **parameters) -> str:
         """The id of the run a click created: the UI's redirect after Submit lags on a loaded
         server, so the server's record of the run is what the test waits for."""
-        dep_id = next(d["id"] for d in self.api("/deployments/filter", {}) if d["name"] == name)
+        dep_id = self.deployment(flow, name)["id"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             runs = self.api("/flow_runs/filter", {"deployments": {"id": {"any_": [dep_id]}}})
@@ -164,7 +164,7 @@ def test_custom_run_from_the_ui(stack):
             target.fill("world")
             page.screenshot(path=SHOTS / "2-custom-run.png")
             page.get_by_role("button", name="Submit").click()
-            run_id = stack.created_run("base-model", target="world")
+            run_id = stack.created_run("build", "base-model", target="world")
             run = stack.wait(run_id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=600)
             assert run["state_type"] == "COMPLETED", stack.worker_log()[-3000:]
             page.goto(f"{stack.url}/runs/flow-run/{run_id}", wait_until="networkidle")
