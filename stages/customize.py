@@ -20,6 +20,7 @@ without writing the aggregate, so DVC never records a partial result.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import hashlib
 import json
@@ -140,16 +141,16 @@ def method_code(method: str) -> list[str]:
     """The package's modules a method's runs execute: its own and those it imports from the
     package, transitively. A run made by other code is not done; a change to one method's module
     leaves the other methods' runs done."""
-    import ast
-
     todo, seen = [method], set()
     while todo:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
-            tree = ast.parse((ROOT / PACKAGE / f"{name}.py").read_text())
-            todo += [node.module for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
+            for node in ast.walk(ast.parse((ROOT / PACKAGE / f"{name}.py").read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 1:
+                    # `from .base import x` names a module; `from . import base` names modules too
+                    names = [node.module] if node.module else [a.name for a in node.names]
+                    todo += [n for n in names if (ROOT / PACKAGE / f"{n}.py").is_file()]
     return sorted(str(PACKAGE / f"{name}.py") for name in seen)
 
 
