@@ -315,18 +315,17 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             for i, (case, image) in enumerate(zip(cases, images)):
                 for task, (ours, peer) in tasks.items():
-                    order = [("manip", ours), ("peer", peer)]
+                    order = [(task, "manip", ours), (task, "peer", peer)]
                     if run % 2:
                         order.reverse()
                     run += 1
                     if task == "null-text":  # the higher rate runs beside the same peer run
-                        order.insert(1, ("fast", functools.partial(runner.ours_null_text, lr=args.fast_lr)))
-                    for who, fn in order:
+                        order.insert(1, (fast_task, "manip", functools.partial(runner.ours_null_text, lr=args.fast_lr)))
+                    for name, who, fn in order:
                         inv_s, sample_s, out = fn(image, case.source_caption, case.target_caption)
-                        key = (fast_task, "manip") if who == "fast" else (task, who)
-                        times[key[0]][key[1]]["invert"].append(inv_s)
-                        times[key[0]][key[1]]["sample"].append(sample_s)
-                        outputs[(*key, i)] = out
+                        times[name][who]["invert"].append(inv_s)
+                        times[name][who]["sample"].append(sample_s)
+                        outputs[(name, who, i)] = out
 
     # Ours batched over every image, once, against the peer's per-image runs above.
     inv_s, sample_s, batch_out = runner.ours_null_text_batch(images, [c.source_caption for c in cases])
