@@ -13,10 +13,13 @@ English or Russian prompts.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
 from pathlib import Path
+
+from manip.editing import INVERSION_DEFAULTS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Kept here, not imported from manip.editing.single: `--help` must not load torch.
@@ -38,44 +41,6 @@ def _weights(values: list[str] | None) -> dict[str, float]:
         except ValueError:
             raise ValueError(f"--reweight scale for {word!r} is not a number: {weight!r}") from None
     return out
-
-
-INVERSION_DEFAULTS = {"inversion": "null-text", "steps": 50, "guidance": 7.5}
-
-
-def _inversion_settings(args: argparse.Namespace, inversion) -> None:
-    """Fill the inversion options left out: the defaults, or an artifact's values when one is
-    reused. An option given that disagrees with the artifact is an error, not silently ignored."""
-    if inversion is None:
-        for name, value in INVERSION_DEFAULTS.items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-        return
-    stored = {"inversion": inversion.method, "steps": inversion.steps, "guidance": inversion.guidance_scale}
-    for name, value in stored.items():
-        given = getattr(args, name)
-        if given is not None and given != value:
-            raise ValueError(f"--{name} {given} differs from the inversion artifact's {value} "
-                             f"({args.from_inversion}): leave it out or invert again")
-        setattr(args, name, value)
-
-
-def _working_size(pipe, size: str | None, image) -> tuple[int, int]:
-    """(height, width) that --size names for this image and model."""
-    from manip.editing.images import model_size, parse_size
-    from manip.editing.inversion import check_size, native_size, size_multiple
-
-    native = native_size(pipe)
-    if size in (None, "auto"):
-        return model_size(image.shape[1], image.shape[0], native, size_multiple(pipe))
-    if size == "square":
-        return native, native
-    try:
-        height, width = parse_size(size)
-    except ValueError as err:
-        raise ValueError(f"--size takes auto, square or WIDTHxHEIGHT: {err}") from None
-    check_size(pipe, height, width, f"--size {size}")
-    return height, width
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,13 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     common(ed)
     ed.add_argument("--target", required=True, action="append", help="target caption (repeat for several)")
     ed.add_argument("--edit", default="replace", choices=["replace", "refine", "reweight", "none"])
-    ed.add_argument("--reweight", action="append", metavar="WORD=SCALE")
+    ed.add_argument("--reweight", action="append", metavar="WORD=SCALE",
+                    help="scale a target word's attention: on its own with --edit reweight, or on top of a replace "
+                         "or refine edit")
     ed.add_argument("--blend-source", action="append", metavar="WORDS", help="local blend: source words")
     ed.add_argument("--blend-target", action="append", metavar="WORDS", help="local blend: target words")
     ed.add_argument("--blend-threshold", type=float, default=0.3)
     ed.add_argument("--blend-start", type=float, default=0.2, help="fraction of the steps before blending starts")
     ed.add_argument("--cross-replace", type=float, default=0.8)
     ed.add_argument("--self-replace", type=float, default=0.4)
+    ed.add_argument("--self-max-pixels", type=int, metavar="N",
+                    help="inject self-attention only in layers of at most N query pixels (default: all layers)")
     ed.add_argument("--heatmaps", metavar="PNG", help="also write per-word cross-attention heatmaps of every prompt")
     ed.add_argument("--from-inversion", help="reuse an artifact written by `manip invert`")
     ed.add_argument("--out", required=True, help="output PNG (several targets: OUT stem + _<i>.png)")
@@ -170,10 +139,11 @@ def run_sentences(args: argparse.Namespace) -> dict:
 
 def save_png(image, path: Path) -> None:
     """Atomically: a reader never sees half an image under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    from manip.training.checkpoint import atomic_write
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write(path, buf.getvalue())
 
 
 def _sentences(paths: list[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
@@ -282,77 +252,34 @@ def run(args: argparse.Namespace) -> dict:
         return run_generate(args)
     if getattr(args, "method", "p2p") != "p2p":
         return run_single(args)
-    import numpy as np
-    import torch
-    from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    from manip.editing.attention import AttentionStore
-    from manip.editing.edit import edit_inverted
-    from manip.editing.heatmaps import render_heatmaps
-    from manip.editing.images import fit, load_image
-    from manip.editing.inversion import Inversion, encode_image, invert
-    from manip.editing.p2p import P2PConfig, PromptToPrompt
-    from manip.runtime import device, set_threads
-    from manip.prompts import read_prompts
+    from manip.editing.api import edit_image, invert_image
+    from manip.runtime import set_threads
 
     set_threads()
-
-    model = Path(args.model)
-    if not (model / "model_index.json").is_file():
-        raise FileNotFoundError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(device())
-    reused = Inversion.load(args.from_inversion, pipe) if args.command == "edit" and args.from_inversion else None
-    _inversion_settings(args, reused)
-    image, notes = load_image(args.image, None)
-    if reused is None:
-        height, width = _working_size(pipe, args.size, image)
-    else:  # the artifact's size; a --size that names another is refused
-        height, width = reused.height, reused.width
-        if args.size:
-            reused.check(pipe, *_working_size(pipe, args.size, image))
-    image, resized = fit(image, (height, width))
-    notes += resized
-    prompts = [args.source, *getattr(args, "target", [])]
-    if any(not p.strip() for p in prompts):
-        raise ValueError("prompts must not be empty")
-    prompts = read_prompts(pipe.tokenizer, prompts)
-    source, targets = prompts[0], prompts[1:]
-    if reused is not None and source != reused.prompt:
-        raise ValueError(f"--source {source!r} is not the caption the inversion artifact was made with "
-                         f"({reused.prompt!r}): the edit's source branch reconstructs the artifact's")
-    if reused is not None and not torch.allclose(encode_image(pipe, image).cpu(), reused.trajectory[:1], atol=1e-3):
-        raise ValueError(f"--image {args.image} is not the image the inversion artifact {args.from_inversion} was "
-                         "made from")
-    config = None
-    if args.command == "edit":
-        blend = None
-        if args.blend_source or args.blend_target:
-            blend = (_words(args.blend_source), _words(args.blend_target))
-        config = P2PConfig(edit=args.edit, cross_replace=args.cross_replace, self_replace=args.self_replace,
-                           reweight=_weights(args.reweight), blend_words=blend, blend_threshold=args.blend_threshold,
-                           blend_start=args.blend_start)
-        # Words that do not align fail here, before minutes of inversion, not after.
-        PromptToPrompt(pipe.tokenizer, prompts, args.steps, config, guided=args.guidance != 1.0)
-    inversion = reused or invert(pipe, image, source, args.inversion, args.steps, args.guidance, args.inner_steps,
-                                 progress=True, lr=args.null_text_lr)
+    shared = dict(inversion=args.inversion, steps=args.steps, guidance=args.guidance, inner_steps=args.inner_steps,
+                  null_text_lr=args.null_text_lr, size=args.size, progress=True)
     if args.command == "invert":
-        inversion.notes = notes
-        inversion.save(args.out)
-        return {"artifact": args.out, "seconds": inversion.seconds, "notes": notes}
-    store = AttentionStore(guided=inversion.guidance_scale != 1.0) if args.heatmaps else None
-    images = edit_inverted(pipe, inversion, targets, config, record=store)
+        inversion = invert_image(args.model, args.image, args.source, out=args.out, **shared)
+        return {"artifact": args.out, "seconds": inversion.seconds, "notes": inversion.notes}
+    blend = {"blend_source": _words(args.blend_source), "blend_target": _words(args.blend_target)}
+    result = edit_image(args.model, args.image, args.source, args.target, edit=args.edit,
+                        reweight=_weights(args.reweight), blend_threshold=args.blend_threshold,
+                        blend_start=args.blend_start, cross_replace=args.cross_replace,
+                        self_replace=args.self_replace, self_max_pixels=args.self_max_pixels,
+                        from_inversion=args.from_inversion, heatmaps=bool(args.heatmaps), **blend, **shared)
     out = Path(args.out)
-    paths = [out] if len(images) == 2 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(1, len(images))]
-    for path, img in zip(paths, images[1:]):
-        save_png(Image.fromarray(np.asarray(img)), path)
-    result = {"outputs": [str(p) for p in paths], "inversion_seconds": inversion.seconds, "notes": notes}
-    if store is not None:
-        save_png(render_heatmaps(store, pipe.tokenizer, [inversion.prompt, *targets], images), Path(args.heatmaps))
-        result["heatmaps"] = args.heatmaps
-    return result
+    paths = ([out] if len(result.edits) == 1 else
+             [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(1, len(result.edits) + 1)])
+    for path, img in zip(paths, result.edits):
+        save_png(Image.fromarray(img), path)
+    summary = {"outputs": [str(p) for p in paths], "inversion_seconds": result.inversion.seconds,
+               "notes": result.notes}
+    if result.heatmaps is not None:
+        save_png(result.heatmaps, Path(args.heatmaps))
+        summary["heatmaps"] = args.heatmaps
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageInputError, InversionMismatch, AlignmentError, PromptError, LLMError, ValueError, OSError) as err:
         # OSError: a missing or unreadable model or input file, an output path that cannot be written
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # torch's own: out of memory, a model whose parts do not fit together
+        print(f"error: the model failed on this input ({type(err).__name__}): {str(err).splitlines()[0]}",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -970,12 +970,16 @@ def test_cli_bad_inputs_exit_2_with_one_error_line(cli_model, tmp_path, monkeypa
                            "--out", "o.png"), "no image file")
     assert_clean_error(run("edit", *base, "--image", "ok.png", "--source", SOURCE, "--target", TARGET,
                            "--cross-replace", "1.5", "--out", "o.png"), "cross_replace")
+    assert_clean_error(run("edit", *base, "--image", "ok.png", "--source", SOURCE, "--target", TARGET,
+                           "--self-max-pixels", "0", "--out", "o.png"), "self_max_pixels must be >= 1")
     assert_clean_error(run("invert", "--model", str(cli_model), "--image", "ok.png", "--source", SOURCE,
                            "--steps", "0", "--out", "inv"), "steps must be between 1 and 1000, got 0")
     assert_clean_error(run("invert", *base, "--image", "ok.png", "--source", SOURCE, "--null-text-lr", "0",
                            "--out", "inv"), "null-text learning rate must be > 0, got 0.0")
-    for size, why in (("big", "--size takes auto, square or WIDTHxHEIGHT"), ("0x32", "positive sides"),
-                      ("30x32", "--size 30x32: its size 30x32 (width x height) must be a multiple of 4")):
+    for size, why in (("big", "size takes auto, square or WIDTHxHEIGHT"), ("0x32", "positive sides"),
+                      ("30x32", "size 30x32: its size 30x32 (width x height) must be a multiple of 4"),
+                      ("256x256", "size 256x256: its size 256x256 (width x height) is over 4 times the pixels of "
+                                  "the model's native 32x32")):
         assert_clean_error(run("invert", *base, "--image", "ok.png", "--source", SOURCE, "--size", size,
                                "--out", "inv"), why)
     assert_clean_error(run("edit", *base, "--method", "imagic", "--image", "ok.png", "--source", SOURCE,
@@ -1015,9 +1019,9 @@ def test_cli_refuses_inversion_of_another_model(cli_model, tmp_path, monkeypatch
     assert_clean_error(run(*edit, "--image", "other.png", "--source", SOURCE), "is not the image the inversion")
     assert_clean_error(run(*edit, "--image", "ok.png", "--source", TARGET), "is not the caption the inversion")
     assert_clean_error(run(*edit, "--image", "ok.png", "--source", SOURCE, "--steps", "5"),
-                       "--steps 5 differs from the inversion artifact's 2")
+                       "steps 5 differs from the inversion artifact's 2")
     assert_clean_error(run(*edit, "--image", "ok.png", "--source", SOURCE, "--inversion", "null-text"),
-                       "--inversion null-text differs from the inversion artifact's ddim")
+                       "inversion null-text differs from the inversion artifact's ddim")
     assert_clean_error(run(*edit, "--image", "ok.png", "--source", SOURCE, "--size", "64x32"),
                        "inversion is for 32x32 (width x height) images, asked for 64x32")
     assert not (tmp_path / "o.png").exists()
@@ -1026,3 +1030,53 @@ def test_cli_refuses_inversion_of_another_model(cli_model, tmp_path, monkeypatch
     (tmp_path / "inv" / "inversion.safetensors").write_bytes(b"garbage")
     assert_clean_error(run("edit", "--model", str(cli_model), "--image", "ok.png", "--source", SOURCE, "--target",
                            TARGET, "--from-inversion", "inv", "--out", "o.png"), "not a readable")
+
+
+# ---------------------------------------------------------------- Python API (the CLI's names)
+
+
+def test_api_edit_image_is_invert_then_edit_inverted(cli_model, tmp_path):
+    """`edit_image` takes what `manip edit` takes, as a path, a PIL image or an array, and gives the
+    pixels of the library's two steps; an artifact written by `invert_image` edits the same."""
+    from diffusers import StableDiffusionPipeline
+
+    from manip.editing.api import edit_image, invert_image
+
+    pipe = StableDiffusionPipeline.from_pretrained(cli_model, safety_checker=None, requires_safety_checker=False)
+    img = make_image()
+    Image.fromarray(img).save(tmp_path / "in.png")
+    config = P2PConfig(reweight={"dog": 1.5}, blend_words=(["cat"], ["dog"]), self_max_pixels=16)
+    expected = edit_inverted(pipe, invert(pipe, img, SOURCE, "ddim", steps=3), [TARGET], config)
+    kwargs = dict(inversion="ddim", steps=3, reweight={"dog": 1.5}, blend_source=["cat"], blend_target=["dog"],
+                  self_max_pixels=16)
+    for given in (tmp_path / "in.png", Image.fromarray(img), img):
+        result = edit_image(pipe, given, SOURCE, TARGET, **kwargs)
+        assert np.array_equal(result.edits[0], expected[1]) and np.array_equal(result.reconstruction, expected[0])
+        assert result.notes == [] and result.heatmaps is None
+    inv = invert_image(cli_model, tmp_path / "in.png", SOURCE, inversion="ddim", steps=3, out=tmp_path / "inv")
+    assert Inversion.load(tmp_path / "inv", pipe).prompt == inv.prompt
+    reused = edit_image(pipe, img, SOURCE, [TARGET], from_inversion=tmp_path / "inv", heatmaps=True,
+                        **{k: v for k, v in kwargs.items() if k not in ("inversion", "steps")})
+    assert np.array_equal(reused.edits[0], expected[1]) and reused.inversion.seconds == inv.seconds
+    assert reused.heatmaps is not None
+    with pytest.raises(ValueError, match="steps 5 differs from the inversion artifact's 3"):
+        edit_image(pipe, img, SOURCE, TARGET, from_inversion=inv, steps=5)
+    with pytest.raises(ValueError, match="at least one target"):
+        edit_image(pipe, img, SOURCE, [])
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        invert_image(tmp_path / "nowhere", img, SOURCE)
+
+
+def test_cli_turns_a_torch_failure_into_one_error_line(cli_model, tmp_path, monkeypatch, capsys):
+    """Out of memory (or any runtime failure inside the model) is reported, not dumped as a traceback."""
+    import manip.editing.api as api
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    Image.fromarray(make_image()).save(tmp_path / "ok.png")
+    monkeypatch.setattr(api, "invert", out_of_memory)
+    proc = cli_in_process("invert", "--model", str(cli_model), "--image", "ok.png", "--source", SOURCE,
+                          "--out", "inv", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert_clean_error(proc, "the model failed on this input (OutOfMemoryError): CUDA out of memory")
+    assert not (tmp_path / "inv").exists()

@@ -88,24 +88,22 @@ def edit_inverted(pipe: StableDiffusionPipeline, inversion: Inversion, targets: 
     return edit_inverted_batch(pipe, [inversion], [list(targets)], [config], record)[0]
 
 
-def _check_sample_size(pipe: StableDiffusionPipeline, height: int | None, width: int | None) -> None:
-    check_size(pipe, height or native_size(pipe), width or native_size(pipe), "the sample")
-
-
 def edit_generated_batch(pipe: StableDiffusionPipeline, groups: Sequence[Sequence[str]],
                          generators: Sequence[torch.Generator], configs: Sequence[P2PConfig], steps: int = 50,
                          guidance_scale: Sequence[float] | float = 7.5, negative_prompt: str = "",
-                         height: int | None = None, width: int | None = None) -> np.ndarray:
+                         height: int | None = None, width: int | None = None,
+                         record: AttentionStore | None = None) -> np.ndarray:
     """Many Prompt-to-Prompt samples in one batch: group g's prompts share the noise drawn from
     `generators[g]` and are guided with `guidance_scale[g]`; (G, n + 1, H, W, 3), at the model's
-    native square unless `height` and `width` say otherwise."""
+    native square unless `height` and `width` say otherwise. `record` receives the attention of
+    every prompt, for heatmaps."""
     if len(generators) != len(groups):
         raise ValueError(f"need one generator per group, got {len(generators)} for {len(groups)} groups")
-    _check_sample_size(pipe, height, width)
+    check_size(pipe, height or native_size(pipe), width or native_size(pipe), "the sample")
     x_T = torch.cat([initial_latents(pipe, 1, g, height, width) for g in generators])
     scale = guidance_scale if isinstance(guidance_scale, float | int) else torch.tensor(list(guidance_scale))
     uncond = encode_prompts(pipe, [negative_prompt]) if guides(scale) else None
-    return _p2p(pipe, x_T, groups, uncond, steps, scale, configs, (), scale_initial=True)
+    return _p2p(pipe, x_T, groups, uncond, steps, scale, configs, (), scale_initial=True, record=record)
 
 
 def edit_generated(pipe: StableDiffusionPipeline, prompts: Sequence[str], generator: torch.Generator,
@@ -114,8 +112,5 @@ def edit_generated(pipe: StableDiffusionPipeline, prompts: Sequence[str], genera
                    width: int | None = None) -> np.ndarray:
     """Prompt-to-Prompt on a generated image: all prompts share the noise drawn from `generator`
     (at the model's native square unless `height` and `width` say otherwise)."""
-    _check_sample_size(pipe, height, width)
-    x_T = initial_latents(pipe, 1, generator, height, width)
-    uncond = encode_prompts(pipe, [negative_prompt]) if guidance_scale != 1.0 else None
-    return _p2p(pipe, x_T, [list(prompts)], uncond, steps, guidance_scale, [config], (), scale_initial=True,
-                record=record)[0]
+    return edit_generated_batch(pipe, [list(prompts)], [generator], [config], steps, guidance_scale, negative_prompt,
+                                height, width, record)[0]

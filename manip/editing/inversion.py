@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from manip.prompts import read_prompts
 from manip.sampling import encode_prompts
-from manip.training.checkpoint import replace_dir, staging_dir
+from manip.training.checkpoint import recover_dir, replace_dir, staging_dir
 
 Method = Literal["ddim", "null-text", "negative-prompt", "direct"]
 METHODS: tuple[str, ...] = ("ddim", "null-text", "negative-prompt", "direct")
@@ -134,6 +134,7 @@ class Inversion:
     @classmethod
     def load(cls, directory: str | Path, pipe: StableDiffusionPipeline | None = None) -> "Inversion":
         directory = Path(directory)
+        recover_dir(directory)
         if not (directory / "inversion.json").is_file():
             raise FileNotFoundError(f"no inversion artifact at {directory} (expected inversion.json)")
         try:
@@ -259,9 +260,19 @@ def size_multiple(pipe: StableDiffusionPipeline) -> int:
     return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
 
 
+# The largest working size, in multiples of the model's native pixel count: past it the attention
+# maps and activations grow quadratically into an out-of-memory failure, and SD models draw
+# repeated content anyway.
+MAX_WORK_SCALE = 4
+
+
 def check_size(pipe: StableDiffusionPipeline, height: int, width: int, what: str = "the image") -> None:
     """Refuse a size some attention map would not tile: the UNet rounds an odd side up when it
     halves it, so maps are read as grids only when both sides are multiples of `size_multiple`."""
+    native = native_size(pipe)
+    if height * width > MAX_WORK_SCALE * native * native:
+        raise ValueError(f"{what}: its size {width}x{height} (width x height) is over {MAX_WORK_SCALE} times the "
+                         f"pixels of the model's native {native}x{native}: work at a smaller size")
     stride = size_multiple(pipe)
     if height % stride or width % stride:
         fit_h, fit_w = (max(stride, round(v / stride) * stride) for v in (height, width))

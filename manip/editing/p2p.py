@@ -44,6 +44,8 @@ class P2PConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
         if self.edit not in ("replace", "refine", "reweight", "none"):
             raise ValueError(f"edit must be replace, refine, reweight or none, got {self.edit!r}")
+        if self.self_max_pixels is not None and self.self_max_pixels < 1:
+            raise ValueError(f"self_max_pixels must be >= 1 (or None for every layer), got {self.self_max_pixels}")
         if self.edit == "reweight" and not self.reweight:
             raise ValueError("a reweight edit needs at least one word in `reweight`")
 
@@ -104,9 +106,6 @@ class LocalBlend:
         for name in ("src_alpha", "alphas", "active", "threshold", "start"):
             setattr(self, name, getattr(self, name).to(device))
         return self
-
-    def begin_step(self, step: int) -> None:
-        pass
 
     def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         return self.store(probs, call)
