@@ -27,6 +27,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written directory into place, replacing any previous one."""
     final.parent.mkdir(parents=True, exist_ok=True)
