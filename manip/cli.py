@@ -83,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     ed.add_argument("--self-replace", type=float, default=0.4)
     ed.add_argument("--self-max-pixels", type=int, metavar="N",
                     help="inject self-attention only in layers of at most N query pixels (default: all layers)")
-    ed.add_argument("--heatmaps", metavar="PNG", help="also write per-word cross-attention heatmaps of every prompt")
+    ed.add_argument("--heatmaps", metavar="PNG", help="also write cross-attention heatmaps of every prompt")
+    ed.add_argument("--heatmap-unit", choices=["word", "token"], default="word",
+                    help="one heatmap per word (its tokens summed) or per token")
     ed.add_argument("--from-inversion", help="reuse an artifact written by `manip invert`")
     ed.add_argument("--out", required=True, help="output PNG (several targets: OUT stem + _<i>.png)")
     ed.add_argument("--method", default="p2p", choices=SINGLE_METHODS,
@@ -268,7 +270,8 @@ def run(args: argparse.Namespace) -> dict:
                         reweight=_weights(args.reweight), blend_threshold=args.blend_threshold,
                         blend_start=args.blend_start, cross_replace=args.cross_replace,
                         self_replace=args.self_replace, self_max_pixels=args.self_max_pixels,
-                        from_inversion=args.from_inversion, heatmaps=bool(args.heatmaps), **blend, **shared)
+                        from_inversion=args.from_inversion, heatmaps=bool(args.heatmaps),
+                        heatmap_unit=args.heatmap_unit, **blend, **shared)
     out = Path(args.out)
     paths = ([out] if len(result.edits) == 1 else
              [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(1, len(result.edits) + 1)])

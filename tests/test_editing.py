@@ -521,6 +521,12 @@ def test_attention_heatmaps_follow_the_words(pipe, inversions):
     assert img.size == ((1 + len(SOURCE.split())) * 64, 2 * (64 + 12))
     with pytest.raises(ValueError, match="maps of 2 prompts"):
         word_maps(store, pipe.tokenizer, [SOURCE], 32, 32)
+    tokens = word_maps(store, pipe.tokenizer, [SOURCE, TARGET], 32, 32, unit="token")
+    ids = pipe.tokenizer(SOURCE).input_ids
+    assert [t for t, _ in tokens[0]] == [pipe.tokenizer.decode([i]).strip() for i in ids[1:-1]]
+    assert len(tokens[0]) >= len(rows[0])
+    with pytest.raises(ValueError, match="per word or per token"):
+        word_maps(store, pipe.tokenizer, [SOURCE, TARGET], 32, 32, unit="letter")
 
 
 def test_local_blend_words_must_be_in_prompts(pipe, inversions):
@@ -1056,9 +1062,10 @@ def test_api_edit_image_is_invert_then_edit_inverted(cli_model, tmp_path):
     inv = invert_image(cli_model, tmp_path / "in.png", SOURCE, inversion="ddim", steps=3, out=tmp_path / "inv")
     assert Inversion.load(tmp_path / "inv", pipe).prompt == inv.prompt
     reused = edit_image(pipe, img, SOURCE, [TARGET], from_inversion=tmp_path / "inv", heatmaps=True,
-                        **{k: v for k, v in kwargs.items() if k not in ("inversion", "steps")})
+                        heatmap_unit="token", **{k: v for k, v in kwargs.items() if k not in ("inversion", "steps")})
     assert np.array_equal(reused.edits[0], expected[1]) and reused.inversion.seconds == inv.seconds
-    assert reused.heatmaps is not None
+    n_tokens = max(len(pipe.tokenizer(p).input_ids) - 2 for p in (SOURCE, TARGET))
+    assert reused.heatmaps.size == ((1 + n_tokens) * 64, 2 * (64 + 12))
     with pytest.raises(ValueError, match="steps 5 differs from the inversion artifact's 3"):
         edit_image(pipe, img, SOURCE, TARGET, from_inversion=inv, steps=5)
     with pytest.raises(ValueError, match="at least one target"):

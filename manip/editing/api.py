@@ -25,7 +25,7 @@ from manip.runtime import device
 from . import INVERSION_DEFAULTS
 from .attention import AttentionStore
 from .edit import edit_inverted
-from .heatmaps import render_heatmaps
+from .heatmaps import Unit, render_heatmaps
 from .images import fit, load_image, model_size, parse_size
 from .inversion import Inversion, check_size, encode_image, invert, native_size, size_multiple
 from .p2p import EditKind, P2PConfig, PromptToPrompt
@@ -142,7 +142,7 @@ class EditResult:
     reconstruction: np.ndarray  # the source branch: the input as the inversion gives it back
     inversion: Inversion
     notes: list[str] = field(default_factory=list)
-    heatmaps: Image.Image | None = None  # per-word cross-attention of every prompt, when asked for
+    heatmaps: Image.Image | None = None  # cross-attention of every prompt's words or tokens, when asked for
 
 
 def edit_image(model: str | Path | StableDiffusionPipeline, image: ImageInput, source: str,
@@ -152,7 +152,7 @@ def edit_image(model: str | Path | StableDiffusionPipeline, image: ImageInput, s
                blend_source: Sequence[str] = (), blend_target: Sequence[str] = (), blend_threshold: float = 0.3,
                blend_start: float = 0.2, cross_replace: float = 0.8, self_replace: float = 0.4,
                self_max_pixels: int | None = None, from_inversion: str | Path | Inversion | None = None,
-               heatmaps: bool = False, progress: bool = False) -> EditResult:
+               heatmaps: bool = False, heatmap_unit: Unit = "word", progress: bool = False) -> EditResult:
     """Edit a real image with Prompt-to-Prompt (`manip edit`): invert it (or reuse
     `from_inversion`), then sample [source, *targets] with the attention edit. Local blending
     is on when `blend_source` or `blend_target` names words."""
@@ -170,5 +170,5 @@ def edit_image(model: str | Path | StableDiffusionPipeline, image: ImageInput, s
     inv = _invert(pipe, req, inner_steps, null_text_lr, progress)
     store = AttentionStore(guided=inv.guidance_scale != 1.0) if heatmaps else None
     images = edit_inverted(pipe, inv, req.prompts[1:], config, record=store)
-    maps = render_heatmaps(store, pipe.tokenizer, req.prompts, images) if store is not None else None
+    maps = render_heatmaps(store, pipe.tokenizer, req.prompts, images, unit=heatmap_unit) if store is not None else None
     return EditResult(list(images[1:]), images[0], inv, req.notes, maps)

@@ -1,12 +1,13 @@
-"""Per-word cross-attention heatmaps: where each word of each prompt looked while sampling.
+"""Per-word or per-token cross-attention heatmaps: where each word (or each token, as the
+reference notebooks show them) of each prompt looked while sampling.
 
 Maps come from an `AttentionStore` (every resolution, averaged over steps, layers and heads,
 upsampled to one size and averaged); a word's map is the sum over its tokens. Rendered as one
-row per prompt: the image, then each word's map over a grey copy of it, labelled.
+row per prompt: the image, then each unit's map over a grey copy of it, labelled.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -15,22 +16,33 @@ from .attention import AttentionStore
 from .tokens import word_spans
 
 LABEL_HEIGHT = 12
+Unit = Literal["word", "token"]
 
 
-def word_maps(store: AttentionStore, tokenizer, prompts: Sequence[str], height: int,
-              width: int) -> list[list[tuple[str, np.ndarray]]]:
-    """For each prompt, (word, map in [0, 1] of shape (height, width)) for every word, in order."""
+def _units(tokenizer, prompt: str, unit: Unit) -> list[tuple[str, tuple[int, int]]]:
+    """(label, token span) of every word, or of every token between the start and end tokens."""
+    if unit == "word":
+        spans = word_spans(tokenizer, prompt)
+        return list(zip(spans.words, spans.spans))
+    if unit == "token":
+        ids = tokenizer(prompt).input_ids[1:-1]
+        return [(tokenizer.decode([t]).strip() or "?", (i + 1, i + 2)) for i, t in enumerate(ids)]
+    raise ValueError(f"heatmaps are per word or per token, got {unit!r}")
+
+
+def word_maps(store: AttentionStore, tokenizer, prompts: Sequence[str], height: int, width: int,
+              unit: Unit = "word") -> list[list[tuple[str, np.ndarray]]]:
+    """For each prompt, (label, map in [0, 1] of shape (height, width)) for every word or token, in order."""
     maps = store.token_map(height, width).cpu().numpy()  # (batch, height, width, K)
     if len(maps) != len(prompts):
         raise ValueError(f"the store holds maps of {len(maps)} prompts, got {len(prompts)} prompts")
     out = []
     for m, prompt in zip(maps, prompts):
-        spans = word_spans(tokenizer, prompt)
         row = []
-        for word, (a, b) in zip(spans.words, spans.spans):
+        for label, (a, b) in _units(tokenizer, prompt, unit):
             w = m[:, :, a:b].sum(-1)
             w = (w - w.min()) / max(float(w.max() - w.min()), 1e-8)
-            row.append((word, w))
+            row.append((label, w))
         out.append(row)
     return out
 
@@ -44,10 +56,10 @@ def _overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
 
 
 def render_heatmaps(store: AttentionStore, tokenizer, prompts: Sequence[str], images: np.ndarray,
-                    scale: int = 2) -> Image.Image:
-    """One row per prompt: its image (uint8 HxWx3), then one labelled heatmap per word."""
+                    scale: int = 2, unit: Unit = "word") -> Image.Image:
+    """One row per prompt: its image (uint8 HxWx3), then one labelled heatmap per word or token."""
     height, width = images.shape[1:3]
-    rows = word_maps(store, tokenizer, prompts, height, width)
+    rows = word_maps(store, tokenizer, prompts, height, width, unit)
     cell_h, cell_w = height * scale, width * scale
     canvas = Image.new("RGB", (cell_w * (1 + max(len(r) for r in rows)), (cell_h + LABEL_HEIGHT) * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
