@@ -20,8 +20,8 @@ from manip.editing import edit as edit_module
 from manip.editing.attention import controlled_attention
 from manip.editing.edit import edit_generated, edit_inverted, edit_inverted_batch
 from manip.editing.images import ImageInputError, load_image
-from manip.editing.inversion import (METHODS, Inversion, InversionMismatch, ddim_scheduler, encode_image, invert,
-                                     invert_batch, model_id)
+from manip.editing.inversion import (METHODS, Inversion, InversionMismatch, ddim_scheduler, encode_image,
+                                     image_digest, invert, invert_batch, model_id)
 from manip.editing.p2p import LocalBlend, P2PConfig
 from manip.editing.tokens import AlignmentError, equalizer, refine_mapper, replace_mapper, word_spans
 from manip.models.tokenizer import TINY_MAX_LENGTH, build_clip_tokenizer
@@ -666,11 +666,16 @@ def test_inversion_save_load_round_trip(pipe, inversions, tmp_path):
     assert meta["method"] == "null-text" and meta["model"] == model_id(pipe)
     assert (meta["height"], meta["width"]) == (32, 32)
     loaded = Inversion.load(tmp_path / "inv", pipe)
-    for field in ("method", "prompt", "steps", "guidance_scale", "model", "height", "width", "seconds", "notes"):
+    for field in ("method", "prompt", "steps", "guidance_scale", "model", "height", "width", "seconds", "notes",
+                  "image_digest"):
         assert getattr(loaded, field) == getattr(inv, field), field
+    assert loaded.image_digest == image_digest(make_image()) != image_digest(255 - make_image())
     assert torch.equal(loaded.trajectory, inv.trajectory) and torch.equal(loaded.uncond, inv.uncond)
     assert np.array_equal(edit_inverted(pipe, loaded, [TARGET]), edit_inverted(pipe, inv, [TARGET]))
     inv.save(tmp_path / "inv")  # overwriting an artifact is atomic and leaves no staging folders
+    assert [p.name for p in tmp_path.iterdir()] == ["inv"]
+    (tmp_path / "inv").rename(tmp_path / ".inv.old")  # killed between replace_dir's two renames
+    assert Inversion.load(tmp_path / "inv", pipe).image_digest == inv.image_digest
     assert [p.name for p in tmp_path.iterdir()] == ["inv"]
     # Artifacts written before non-square support hold one `size` for both sides.
     legacy = {k: v for k, v in meta.items() if k not in ("height", "width")} | {"size": 32}

@@ -107,6 +107,7 @@ class Inversion:
     width: int
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    image_digest: str = ""  # `image_digest` of the inverted pixels: a reuse proves it edits the same image
 
     @property
     def x_T(self) -> torch.Tensor:
@@ -127,7 +128,7 @@ class Inversion:
         save_file({"trajectory": self.trajectory.contiguous(), "uncond": self.uncond.contiguous()},
                   str(tmp / "inversion.safetensors"))
         meta = {k: getattr(self, k) for k in ("method", "prompt", "steps", "guidance_scale", "model", "height",
-                                               "width", "seconds", "notes")}
+                                               "width", "seconds", "notes", "image_digest")}
         (tmp / "inversion.json").write_text(json.dumps(meta, indent=1))
         replace_dir(tmp, final)
 
@@ -153,6 +154,13 @@ class Inversion:
         if pipe is not None:
             inv.check(pipe)
         return inv
+
+
+def image_digest(image: np.ndarray) -> str:
+    """Identity of uint8 pixels and their shape; exact where re-encoding the image would compare
+    latents up to the device's float rounding."""
+    arr = np.ascontiguousarray(image, dtype=np.uint8)
+    return hashlib.sha256(repr(arr.shape).encode() + arr.tobytes()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -337,7 +345,8 @@ def invert_batch(pipe: StableDiffusionPipeline, images: Sequence[np.ndarray], pr
     mid = model_id(pipe)
     return [Inversion(method=method, prompt=p, steps=steps, guidance_scale=guidance_scale,
                       trajectory=trajectory[:, b].cpu().contiguous(), uncond=uncond[:, b].cpu().contiguous(), model=mid,
-                      height=images[b].shape[0], width=images[b].shape[1], seconds=seconds)
+                      height=images[b].shape[0], width=images[b].shape[1], seconds=seconds,
+                      image_digest=image_digest(images[b]))
             for b, p in enumerate(prompts)]
 
 
