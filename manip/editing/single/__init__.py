@@ -5,14 +5,14 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 from .base import EditOutput, EditRequest, PartCache, SingleImageEditor, TuneConfig, prepare_request
-from .baselines import InstructPix2Pix, PromptToPrompt
+from .baselines import InstructPix2Pix, PromptToPromptEditor
 from .imagic import Imagic
 from .pix2pix_zero import Pix2PixZero
 from .sine import SINE
 from .unitune import UniTune
 
 EDITORS: dict[str, type[SingleImageEditor]] = {
-    cls.name: cls for cls in (Imagic, UniTune, SINE, Pix2PixZero, PromptToPrompt, InstructPix2Pix)
+    cls.name: cls for cls in (Imagic, UniTune, SINE, Pix2PixZero, PromptToPromptEditor, InstructPix2Pix)
 }
 
 

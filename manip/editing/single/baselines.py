@@ -20,15 +20,18 @@ class PromptToPromptConfig(BenchmarkSettings):
     image at a time)."""
 
     inversion: str = "null-text"
+    null_text_lr: float = 1e-2  # null-text's initial Adam rate (see `invert_batch`)
 
     def __post_init__(self) -> None:
+        if not self.null_text_lr > 0:
+            raise ValueError(f"null_text_lr must be > 0, got {self.null_text_lr}")
         if self.steps < 1:
             raise ValueError(f"p2p steps must be >= 1, got {self.steps}")
         if self.inversion not in METHODS:
             raise ValueError(f"unknown inversion {self.inversion!r}; known: {METHODS}")
 
 
-class PromptToPrompt(SingleImageEditor):
+class PromptToPromptEditor(SingleImageEditor):
     """The inversion is the cached part: keyed by image and source caption, it serves every
     target caption."""
 
@@ -41,11 +44,12 @@ class PromptToPrompt(SingleImageEditor):
         r, c = run.request, self.config
 
         def make(_):
-            inv = invert(self.pipe, r.image, r.source, c.inversion, c.steps, c.guidance_scale, c.null_text_inner_steps)
+            inv = invert(self.pipe, r.image, r.source, c.inversion, c.steps, c.guidance_scale, c.null_text_inner_steps,
+                         lr=c.null_text_lr)
             return {"trajectory": inv.trajectory, "uncond": inv.uncond}
 
         part = run.part(f"inversion-{c.inversion}", [r.image, r.source, c.inversion, c.steps, c.guidance_scale,
-                                                     c.null_text_inner_steps], make)
+                                                     c.null_text_inner_steps, c.null_text_lr], make)
         height, width = r.image.shape[:2]
         inv = Inversion(c.inversion, r.source, c.steps, c.guidance_scale, part["trajectory"], part["uncond"],
                         self.model, height, width)
