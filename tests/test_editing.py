@@ -521,6 +521,8 @@ def test_attention_heatmaps_follow_the_words(pipe, inversions):
     assert img.size == ((1 + len(SOURCE.split())) * 64, 2 * (64 + 12))
     with pytest.raises(ValueError, match="maps of 2 prompts"):
         word_maps(store, pipe.tokenizer, [SOURCE], 32, 32)
+    with pytest.raises(ValueError, match="guided=False"):
+        edit_inverted(pipe, inversions["ddim"], [TARGET], record=AttentionStore(guided=False))
     tokens = word_maps(store, pipe.tokenizer, [SOURCE, TARGET], 32, 32, unit="token")
     ids = pipe.tokenizer(SOURCE).input_ids
     assert [t for t, _ in tokens[0]] == [pipe.tokenizer.decode([i]).strip() for i in ids[1:-1]]

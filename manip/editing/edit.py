@@ -28,6 +28,9 @@ def _p2p(pipe: StableDiffusionPipeline, x_T: torch.Tensor, groups: Sequence[Sequ
     `guidance_scale` holds one scale per group. `record` receives the attention as edited, for
     heatmaps."""
     guided = uncond is not None and guides(guidance_scale)
+    if record is not None and record.guided != guided:
+        raise ValueError(f"record=AttentionStore(guided={record.guided}) but this edit is "
+                         f"{'' if guided else 'not '}guided: the store would read the wrong half of the batch")
     # Alignments are built on the prompts as the encoder reads them (ё folded), or they would
     # count other tokens than the features they index.
     groups = [read_prompts(pipe.tokenizer, g) for g in groups]
